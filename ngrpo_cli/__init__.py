@@ -1,0 +1,1 @@
+"""ngrpo command-line interface (click)."""

@@ -1,0 +1,58 @@
+"""The `ngrpo` click app.
+
+Each command lives in its own module and is imported only when it runs, so that
+`ngrpo --help` stays fast and does not import torch, Ray or vLLM.
+"""
+import importlib
+
+import click
+
+# name -> (module, attribute, one-line help). Keep the help short: it is what `ngrpo --help` shows.
+COMMANDS = {
+    "prepare-data": ("ngrpo_cli.prepare_data_cmd", "prepare_data", "Normalise benchmark/training data into one JSONL."),
+    "train": ("ngrpo_cli.train_cmd", "train", "Train with NGRPO or a baseline through OpenRLHF (Ray + vLLM + DeepSpeed)."),
+    "eval": ("ngrpo_cli.eval_cmd", "eval_cmd", "Sample, grade with math-verify, report avg@n / pass@k / maj@n."),
+    "export-hf": ("ngrpo_cli.export_cmd", "export_hf", "Turn a run or DeepSpeed checkpoint into a Hugging Face model folder."),
+    "report": ("ngrpo_cli.report_cmd", "report", "Plot and tabulate the training logs of one or more runs."),
+    "tiny-model": ("ngrpo_cli.tiny_model_cmd", "tiny_model", "Build a small random Qwen2 model + tokenizer for tests and demos."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module_name, attr, short_help = COMMANDS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            return _not_available(name, short_help)
+        command = getattr(module, attr)
+        command.short_help = short_help
+        return command
+
+
+def _not_available(name, short_help):
+    """A command whose implementation has not landed yet: says so and exits non-zero."""
+
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command():
+        raise click.ClickException(f"`ngrpo {name}` is not implemented in this version of ngrpo yet.")
+
+    command.short_help = f"[not available yet] {short_help}"
+    return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ngrpo")
+def cli():
+    """ngrpo: NGRPO and its baselines (GRPO, DAPO, PSR-NSR, PPO, Dr.GRPO) on OpenRLHF."""
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,92 @@
+"""Putting the patch into OpenRLHF, in the driver and in every Ray worker.
+
+`apply(config)` is idempotent and is called
+  * in the driver, before OpenRLHF's launcher runs, and
+  * in every Ray worker process through `worker_setup`, which `ray.init(runtime_env=
+    {"worker_process_setup_hook": "openrlhf_patch.install.worker_setup"})` runs at worker start.
+The worker is where it matters: advantages are computed in the PPOTrainer actor and the loss in
+PolicyModelActor, so a driver-only patch would never take effect.
+"""
+import os
+import sys
+
+from openrlhf_patch.config import PatchConfig
+
+# Versions whose internals (method names, signatures) the hooks were written and tested against.
+SUPPORTED_OPENRLHF_VERSIONS = ("0.11.2",)
+HOOK = "openrlhf_patch.install.worker_setup"
+
+_state = {"applied": None}
+
+
+class UnsupportedOpenRLHFVersion(RuntimeError):
+    pass
+
+
+def check_openrlhf_version(version=None) -> str:
+    if version is None:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        try:
+            version = dist_version("openrlhf")
+        except PackageNotFoundError:
+            raise UnsupportedOpenRLHFVersion(
+                "openrlhf is not installed: run `bash install.sh` (CPU) or `NGRPO_PROFILE=gpu bash install.sh`"
+            )
+    if version not in SUPPORTED_OPENRLHF_VERSIONS:
+        raise UnsupportedOpenRLHFVersion(
+            f"openrlhf {version} is not supported by this ngrpo: its patch was written and tested against "
+            f"openrlhf {', '.join(SUPPORTED_OPENRLHF_VERSIONS)}. Install that version "
+            f"(pip install --no-deps openrlhf=={SUPPORTED_OPENRLHF_VERSIONS[-1]}); other versions may "
+            "compute advantages elsewhere, and a silently inactive patch would train plain GRPO."
+        )
+    return version
+
+
+def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
+    """Patch OpenRLHF in this process. Returns the active config; a second call is a no-op."""
+    config = config or PatchConfig.from_env() or PatchConfig()
+    if _state["applied"] is not None:
+        return _state["applied"]
+    check_openrlhf_version()
+    if config.device == "cpu":
+        from openrlhf_patch import cpu_mode
+
+        cpu_mode.apply_cpu_patches()  # first: OpenRLHF imports flash_attn at module level
+
+    from openrlhf.trainer import ppo_trainer
+    from openrlhf.trainer.ppo_utils import experience_maker, samples_generator
+    from openrlhf.trainer.ray import ppo_actor
+
+    from openrlhf_patch import hooks
+
+    maker = experience_maker.RemoteExperienceMaker
+    maker.compute_advantages_and_returns = hooks.wrap_compute_advantages(maker.compute_advantages_and_returns)
+    # ActorPPOTrainer builds its loss from the name imported into ppo_actor.
+    ppo_actor.PolicyLoss = hooks.make_policy_loss_class(ppo_actor.PolicyLoss)
+    ppo_actor.ActorPPOTrainer.training_step = hooks.wrap_training_step(ppo_actor.ActorPPOTrainer.training_step)
+    # The trainer builds its TensorBoard logger from the name imported into ppo_trainer.
+    ppo_trainer.TensorboardLogger = hooks.make_run_logger_class(ppo_trainer.TensorboardLogger)
+    generator = samples_generator.SamplesGenerator
+    generator.generate_samples = hooks.wrap_generate_samples(generator.generate_samples)
+
+    _state["applied"] = config
+    print(
+        f"[ngrpo] patch active in {role} pid {os.getpid()}: estimator={config.estimator or 'openrlhf'} "
+        f"K={config.virtual_samples} R_max={config.max_reward} device={config.device}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return config
+
+
+def worker_setup() -> None:
+    """Ray's worker_process_setup_hook: runs once in every worker process of the run."""
+    config = PatchConfig.from_env()
+    if config is not None:
+        apply(config, role="ray-worker")
+
+
+def active_config():
+    """The config this process was patched with (None if unpatched); for probes and tests."""
+    return _state["applied"]

@@ -1,0 +1,1 @@
+"""The stages of an ngrpo run: data prep, training, checkpoint export, evaluation."""
