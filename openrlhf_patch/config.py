@@ -31,6 +31,8 @@ class PatchConfig:
     max_steps: Optional[int] = None
     # The global step the run starts from (the checkpoint's step when resuming).
     start_step: int = 0
+    # Seed of each worker's torch RNG (see install.worker_setup); None leaves it unseeded.
+    seed: Optional[int] = None
 
     def to_env(self) -> dict:
         return {ENV_VAR: json.dumps(dataclasses.asdict(self))}

@@ -18,6 +18,7 @@ the workers with its own copies of every inherited method, taken when the class 
 a patch on its base classes never reaches the actor; the plain objects it builds and calls
 (experience maker, ActorPPOTrainer, loggers, sample generator) are imported by reference.
 """
+import functools
 import itertools
 import json
 import os
@@ -90,19 +91,23 @@ def wrap_compute_advantages(upstream):
     if getattr(upstream, "_ngrpo", False):
         return upstream
 
+    @functools.wraps(upstream)
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences):
         cfg = _config()
         group_size = self.strategy.args.rollout.n_samples_per_prompt
         raw_rewards, _, _ = _in_prompt_order(experiences, [e.rewards.float() for e in experiences])
+        started = time.perf_counter()
         if cfg.estimator in PATCHED_ESTIMATORS:
             experiences = _ngrpo_advantages(self, experiences, cfg)
         else:
             experiences = upstream(self, experiences)
+        elapsed = time.perf_counter() - started
         per_sample_adv, _, _ = _in_prompt_order(
             experiences, [_first_action_value(e.advantages, e.action_mask).float() for e in experiences]
         )
         diagnostics = algorithms.batch_diagnostics(raw_rewards, group_size, per_sample_adv, max_reward=cfg.max_reward)
+        diagnostics["advantage_time_s"] = elapsed
         for e in experiences:
             # Per-sample copies of batch-level numbers: OpenRLHF averages "info" entries over
             # samples, which gives the number back in the step's metrics.
@@ -145,6 +150,7 @@ def wrap_training_step(upstream):
     if getattr(upstream, "_ngrpo", False):
         return upstream
 
+    @functools.wraps(upstream)
     def training_step(self, *args, **kwargs):
         status = upstream(self, *args, **kwargs)
         for key, value in getattr(self.actor_loss_fn, "last_clip_fractions", {}).items():
@@ -220,6 +226,7 @@ def wrap_generate_samples(upstream):
     if getattr(upstream, "_ngrpo", False):
         return upstream
 
+    @functools.wraps(upstream)
     def generate_samples(self, *args, **kwargs):
         cfg = _config()
         step = _progress.get("global_step", cfg.start_step)

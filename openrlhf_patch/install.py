@@ -49,10 +49,12 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
     if _state["applied"] is not None:
         return _state["applied"]
     check_openrlhf_version()
-    if config.device == "cpu":
-        from openrlhf_patch import cpu_mode
+    from openrlhf_patch import cpu_mode
 
-        cpu_mode.apply_cpu_patches()  # first: OpenRLHF imports flash_attn at module level
+    # First: OpenRLHF imports flash_attn at module level (the stub goes in only where it is missing).
+    cpu_mode.ensure_flash_attn_importable()
+    if config.device == "cpu":
+        cpu_mode.apply_cpu_patches()
 
     from openrlhf.trainer import ppo_trainer
     from openrlhf.trainer.ppo_utils import experience_maker, samples_generator
@@ -85,6 +87,14 @@ def worker_setup() -> None:
     config = PatchConfig.from_env()
     if config is not None:
         apply(config, role="ray-worker")
+        if config.seed is not None:
+            # OpenRLHF's PPOTrainer actor has no torch.distributed group, so its prompt loader
+            # falls back to an unseeded RandomSampler: without this the data order differs
+            # between two runs with the same --seed (resume is unaffected: the loader's state
+            # is checkpointed).
+            import torch
+
+            torch.manual_seed(config.seed)
 
 
 def active_config():

@@ -181,6 +181,7 @@ def build_patch_config(recipe: dict, *, device: str, run_dir: Optional[str], max
         device=device,
         run_dir=str(run_dir) if run_dir else None,
         max_steps=max_steps,
+        seed=recipe["seed"],
     )
 
 

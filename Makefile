@@ -1,0 +1,23 @@
+# Two commands do everything on a fresh machine (each installs what it needs first):
+#   make quickstart   build a tiny model, warm it up, train it with NGRPO, evaluate, export, report (CPU, ~10 min)
+#   make test         the test suite (CPU, ~30 min; `make test-fast` skips the real training runs)
+PY := .venv/bin/python
+
+.PHONY: setup quickstart test test-fast benchmarks
+
+setup:
+	bash install.sh
+
+quickstart: setup
+	$(PY) examples/quickstart.py
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not pipeline and not slow"
+
+benchmarks: setup
+	$(PY) benchmarks/advantages.py
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/eval_throughput.py
