@@ -137,7 +137,10 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
 def _resume(run_dir, max_steps):
     from pipelines import training
 
-    manifest = training.read_manifest(run_dir)
+    try:
+        manifest = training.read_manifest(run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err))
     if max_steps is not None:
         manifest["max_steps"] = max_steps
         manifest["patch_config"]["max_steps"] = max_steps

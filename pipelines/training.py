@@ -212,6 +212,10 @@ def parse_with_openrlhf(argv: List[str]):
     AssertionError (OpenRLHF's checks) for a bad command line.
     """
     import ray
+
+    from openrlhf_patch.cpu_mode import ensure_flash_attn_importable
+
+    ensure_flash_attn_importable()  # the launcher imports OpenRLHF's models, which import flash_attn
     import openrlhf.utils.config as openrlhf_config
 
     captured = {}
