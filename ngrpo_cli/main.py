@@ -14,6 +14,7 @@ COMMANDS = {
     "eval": ("ngrpo_cli.eval_cmd", "eval_cmd", "Sample, grade with math-verify, report avg@n / pass@k / maj@n."),
     "export-hf": ("ngrpo_cli.export_cmd", "export_hf", "Turn a run or DeepSpeed checkpoint into a Hugging Face model folder."),
     "report": ("ngrpo_cli.report_cmd", "report", "Plot and tabulate the training logs of one or more runs."),
+    "warmup": ("ngrpo_cli.warmup_cmd", "warmup", "Supervised warm-up on synthetic arithmetic (OpenRLHF SFT), before RL."),
     "tiny-model": ("ngrpo_cli.tiny_model_cmd", "tiny_model", "Build a small random Qwen2 model + tokenizer for tests and demos."),
 }
 
