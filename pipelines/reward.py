@@ -241,12 +241,16 @@ def clean_answer(answer) -> str:
         boxed = extract_boxed(answer)
         if boxed is not None:
             answer = boxed
-    answer = answer.strip()
+    def strip_punct(a):
+        a = a.strip()
+        while a and a[-1] in ".,;" and not a.endswith("\\" + a[-1]):
+            a = a[:-1].rstrip()
+        return a
+
+    answer = strip_punct(answer)
     m = _DOLLAR_RE.match(answer)
     if m:
-        answer = m.group(1).strip()
-    while answer and answer[-1] in ".,;" and not answer.endswith("\\" + answer[-1]):
-        answer = answer[:-1].rstrip()
+        answer = strip_punct(m.group(1))
     return answer
 
 
@@ -371,12 +375,14 @@ class _Pool:
         self.idle = queue.Queue()
         self.lock = threading.Lock()
         self.start_failures = 0
+        self.closed = False
         self.n_timeouts = 0
         self.n_restarts = 0
         for _ in range(self.size):
             self.idle.put(_Worker(self.timeout))
 
     def close(self):
+        self.closed = True
         while True:
             try:
                 w = self.idle.get_nowait()
@@ -401,7 +407,14 @@ class _Pool:
             return results
         import queue
 
-        workers = [self.idle.get()]
+        while True:
+            if self.closed:  # reconfigured while we waited: use the current pool
+                return _pool().run(tasks, timeout)
+            try:
+                workers = [self.idle.get(timeout=1.0)]
+                break
+            except queue.Empty:
+                continue
         while len(workers) < min(len(tasks), self.size):
             try:
                 workers.append(self.idle.get_nowait())
@@ -484,7 +497,10 @@ class _Pool:
             sel.close()
             for w in workers:
                 w.item, w.deadline = None, None
-                self.idle.put(w)
+                if self.closed:  # the pool was reconfigured or shut down meanwhile
+                    w.kill()
+                else:
+                    self.idle.put(w)
         return results
 
     def _swap(self, sel, w):
@@ -556,8 +572,10 @@ def pool_stats() -> dict:
 # --------------------------------------------------------------------------------------------
 # Public grading API
 # --------------------------------------------------------------------------------------------
-def answers_equivalent_many(pairs: Sequence[tuple], timeout: Optional[float] = None) -> list:
-    """[(equivalent, timed_out)] for (gold, pred) answer strings (already extracted, no \\boxed)."""
+def answers_equivalent_many(pairs: Sequence[tuple], timeout: Optional[float] = None, quick: bool = True) -> list:
+    """[(equivalent, timed_out)] for (gold, pred) answer strings (already extracted, no \\boxed).
+
+    quick=False skips the cheap checks and the cache (every pair goes through math-verify)."""
     out = [None] * len(pairs)
     tasks, where = [], []
     for k, (gold, pred) in enumerate(pairs):
@@ -565,11 +583,11 @@ def answers_equivalent_many(pairs: Sequence[tuple], timeout: Optional[float] = N
         if not gold or not pred or len(pred) > max(MAX_ANSWER_CHARS, 4 * len(gold)):
             out[k] = (False, False)
             continue
-        quick = _quick_verdict(gold, pred)
-        if quick is not None:
-            out[k] = (quick, False)
+        verdict = _quick_verdict(gold, pred) if quick else None
+        if verdict is not None:
+            out[k] = (verdict, False)
             continue
-        cached = _CACHE.get((gold, pred))
+        cached = _CACHE.get((gold, pred)) if quick else None
         if cached is not None:
             out[k] = (cached, False)
             continue
@@ -587,13 +605,16 @@ def answers_equivalent(gold: str, pred: str, timeout: Optional[float] = None) ->
     return answers_equivalent_many([(gold, pred)], timeout)[0][0]
 
 
-def grade_many(responses: Sequence[str], golds: Sequence[str], timeout: Optional[float] = None) -> list:
-    """Grade many responses at once (the worker pool runs them in parallel)."""
+def grade_many(responses: Sequence[str], golds: Sequence[str], timeout: Optional[float] = None,
+               quick: bool = True) -> list:
+    """Grade many responses at once (the worker pool runs them in parallel).
+
+    quick=False sends every boxed answer through math-verify (no string/integer shortcuts, no cache)."""
     if len(responses) != len(golds):
         raise ValueError(f"grade_many: {len(responses)} responses but {len(golds)} gold answers")
     extracted = [extract_boxed(r or "") for r in responses]
     idx = [k for k, e in enumerate(extracted) if e is not None]
-    verdicts = answers_equivalent_many([(golds[k], extracted[k]) for k in idx], timeout)
+    verdicts = answers_equivalent_many([(golds[k], extracted[k]) for k in idx], timeout, quick)
     out = [GradeResult(False, e, False) for e in extracted]
     for k, (ok, failed) in zip(idx, verdicts):
         out[k] = GradeResult(bool(ok), extracted[k], bool(failed))
@@ -617,13 +638,20 @@ def gold_answers_parse(golds: Sequence[str], timeout: Optional[float] = None) ->
             out[k] = False
         elif simple.match(_normalise(g)):
             out[k] = True
+        elif g in _GOLD_OK:
+            out[k] = _GOLD_OK[g]
         else:
             where.append(k)
             tasks.append(("gold", g, ""))
     if tasks:
-        for k, (value, failed) in zip(where, _pool().run(tasks, timeout)):
+        for k, task, (value, failed) in zip(where, tasks, _pool().run(tasks, timeout)):
             out[k] = None if failed else value
+            if not failed and len(_GOLD_OK) < 200_000:
+                _GOLD_OK[task[1]] = value
     return out
+
+
+_GOLD_OK: dict = {}
 
 
 def reward_func(queries, prompts, labels, **kwargs):
@@ -671,15 +699,27 @@ def _worker_main():  # pragma: no cover - runs in the grader subprocesses
 
     cfg = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 
+    thousands = re.compile(r"(\d)\s*(?:,\s*\\!|\{,\}|\\,|,\\ )\s*(?=\d{3}(?!\d))")
+
+    def variants(a):
+        yield a
+        b = thousands.sub(r"\1", a)  # 10,\!000 / 10{,}000 / 10\,000 -> 10000
+        if b != a:
+            yield b
+        if any(ch.isspace() for ch in b) and "\\text" not in b and "\\mbox" not in b:
+            yield "".join(b.split())
+
     def parse_answer(a, fallback=True):
-        """math-verify parse of a bare answer; retried without spaces, because math-verify's unit
-        stripping eats single letters after a space (`a + b + c` -> `a +`)."""
-        res = parse("\\boxed{" + a + "}", cfg, parsing_timeout=None, fallback_mode="no_fallback")
-        if not res and any(ch.isspace() for ch in a) and "\\text" not in a and "\\mbox" not in a:
-            res = parse("\\boxed{" + "".join(a.split()) + "}", cfg, parsing_timeout=None, fallback_mode="no_fallback")
-        if not res and fallback:
-            res = parse("\\boxed{" + a + "}", cfg, parsing_timeout=None)
-        return res
+        """math-verify parse of a bare answer. Retried with thousands separators removed and
+        without spaces (math-verify's unit stripping eats a letter after a space:
+        `a + b + c` -> `a +`)."""
+        for v in variants(a):
+            res = parse("\\boxed{" + v + "}", cfg, parsing_timeout=None, fallback_mode="no_fallback")
+            if res:
+                return res
+        if fallback:
+            return parse("\\boxed{" + a + "}", cfg, parsing_timeout=None)
+        return []
 
     parse_gold = functools.lru_cache(maxsize=4096)(parse_answer)
 

