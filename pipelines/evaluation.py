@@ -315,6 +315,11 @@ class VLLMBackend:
                       trust_remote_code=trust_remote_code)
         if on_gpu:
             kwargs.update(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
+        else:
+            # A prefill split over several steps makes vLLM rewind that request's seeded generator
+            # (`set_offset`), which CPU generators do not support ("CPU Generator does not use
+            # offset"): with per-sample seeds, whole prefills only.
+            kwargs.update(enable_chunked_prefill=False)
         self.llm = LLM(**kwargs)
         self.max_len = max_model_len
 

@@ -1,0 +1,29 @@
+"""The quickstart (README command one) end to end, with 2 RL steps (`--fast`)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
+
+
+def test_quickstart_runs_every_stage(tmp_path):
+    out = tmp_path / "qs"
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py"), "--fast", "--out", str(out)],
+                          capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run = out / "runs" / "ngrpo"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    warmup = json.loads((out / "warm-model" / "warmup.json").read_text())
+    assert warmup["greedy_accuracy"] > 0.0  # the warm-up taught the random model something
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert "heldout" in json.dumps(summary)
+    assert (out / "export" / "model.safetensors").exists() and (out / "export" / "README.md").exists()
+    report = (out / "report" / "report.md").read_text()
+    assert "ngrpo" in report and f"{metrics[-1]['step']}" in report
+    for label in ("run directory", "eval results", "exported model", "report"):
+        assert label in proc.stdout
