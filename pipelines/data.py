@@ -555,32 +555,27 @@ def load_problems(path) -> list:
         raise DataError(f"{path}: expected the .jsonl written by `ngrpo prepare-data` "
                         f"(convert other files with `ngrpo prepare-data {path} -o problems.jsonl`)")
     out, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {n}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {n}: expected a JSON object")
-            for key in ("id", "problem", "answer"):
-                value = row.get(key)
-                if key == "id" and isinstance(value, int) and not isinstance(value, bool):
-                    value = row["id"] = str(value)
-                if not isinstance(value, str) or not value.strip():
-                    raise DataError(f"{path}: line {n}: field '{key}': missing or empty")
-            if row["id"] in seen:
-                raise DataError(f"{path}: line {n}: field 'id': duplicate id {row['id']!r} (first at line {seen[row['id']]})")
-            seen[row["id"]] = n
-            meta = row.get("metadata", {})
-            if meta is None:
-                meta = {}
-            if not isinstance(meta, dict):
-                raise DataError(f"{path}: line {n}: field 'metadata': expected an object")
-            out.append({"id": row["id"], "problem": row["problem"], "answer": row["answer"],
-                        "source": row.get("source") or path.stem, "metadata": meta})
+    for n, row in _read_jsonl(path):
+        if isinstance(row, _BadRow):
+            raise DataError(f"{path}: line {n}: {row}")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {n}: expected a JSON object")
+        for key in ("id", "problem", "answer"):
+            value = row.get(key)
+            if key == "id" and isinstance(value, int) and not isinstance(value, bool):
+                value = row["id"] = str(value)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{path}: line {n}: field '{key}': missing or empty")
+        if row["id"] in seen:
+            raise DataError(f"{path}: line {n}: field 'id': duplicate id {row['id']!r} (first at line {seen[row['id']]})")
+        seen[row["id"]] = n
+        meta = row.get("metadata", {})
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            raise DataError(f"{path}: line {n}: field 'metadata': expected an object")
+        out.append({"id": row["id"], "problem": row["problem"], "answer": row["answer"],
+                    "source": row.get("source") or path.stem, "metadata": meta})
     if not out:
         raise DataError(f"{path}: no problems")
     return out
