@@ -1,6 +1,4 @@
 """`ngrpo train`: NGRPO and its baselines through OpenRLHF's Ray + vLLM + DeepSpeed pipeline."""
-import json
-import shutil
 from pathlib import Path
 
 import click

@@ -3,7 +3,6 @@
 A recipe is a flat set of named settings; `ngrpo train` turns it into OpenRLHF flags
 (pipelines/training.py). Every field can be overridden by a CLI flag or a YAML `--config`.
 """
-import dataclasses
 from typing import Optional
 
 ALGOS = ("ngrpo", "grpo", "dapo", "w_reinforce", "psr", "nsr", "ppo", "dr_grpo", "rloo")

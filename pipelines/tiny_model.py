@@ -6,7 +6,6 @@ the same prompt code serves the tiny model and Qwen2.5-Math-7B. vLLM's CPU atten
 head_dim >= 32, hence 2 heads of 64 on a hidden size of 128.
 """
 import json
-import os
 from pathlib import Path
 
 SYSTEM_PROMPT = "You are a helpful assistant."

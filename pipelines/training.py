@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from openrlhf_patch.algorithms import ESTIMATORS as CORE_ESTIMATORS
 from openrlhf_patch.config import PatchConfig
 from openrlhf_patch.hooks import PATCHED_ESTIMATORS
 from pipelines.prompts import build_prompt

@@ -2,7 +2,6 @@
 import json
 import shlex
 
-import pytest
 from click.testing import CliRunner
 
 from ngrpo_cli.main import cli
