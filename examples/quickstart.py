@@ -64,8 +64,9 @@ def main():
                         ("step metrics", run / "metrics.jsonl"), ("eval results", run / "eval" / "summary.md"),
                         ("exported model", out / "export"), ("report", out / "report" / "report.md")]:
         print(f"  {label:16s} {path}")
-    print(f"  warm-up: {json.dumps({k: warmup[k] for k in warmup if 'acc' in k})}")
-    print(f"  eval: {json.dumps(summary)[:400]}")
+    print(f"  warm-up: {warmup['wall_time_s']:.0f}s, greedy accuracy on {warmup['eval']['n_problems']} "
+          f"held-out problems: {100 * warmup['eval']['greedy_accuracy']:.0f}%")
+    print("  eval of the trained model:\n" + (run / "eval" / "summary.md").read_text().split("\n\n")[-1])
 
 
 if __name__ == "__main__":

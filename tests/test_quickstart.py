@@ -19,7 +19,7 @@ def test_quickstart_runs_every_stage(tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     warmup = json.loads((out / "warm-model" / "warmup.json").read_text())
-    assert warmup["greedy_accuracy"] > 0.0  # the warm-up taught the random model something
+    assert warmup["eval"]["greedy_accuracy"] > 0.0  # the warm-up taught the random model something
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert "heldout" in json.dumps(summary)
     assert (out / "export" / "model.safetensors").exists() and (out / "export" / "README.md").exists()
