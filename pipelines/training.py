@@ -285,12 +285,10 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 def write_training_file(problems, path: Path) -> int:
     """The prompts OpenRLHF reads: the paper's full chat prompt (so no template is applied later)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for p in problems:
-            f.write(json.dumps({"id": p["id"], "prompt": build_prompt(p["problem"]), "answer": p["answer"]}) + "\n")
-    os.replace(tmp, path)
+    from pipelines.data import write_jsonl_atomic
+
+    write_jsonl_atomic(({"id": p["id"], "prompt": build_prompt(p["problem"]), "answer": p["answer"]}
+                        for p in problems), path)
     return len(problems)
 
 

@@ -100,40 +100,15 @@ def longest_row_tokens(model_dir, rows: Sequence[dict]) -> int:
     return max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
 
 
-def write_jsonl(rows: Sequence[dict], path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 # ----------------------------------------------------------------------------- grading
 
 
-_BOXED = "\\boxed{"
-
-
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last \\boxed{...} in `text` (balanced braces), or None."""
-    start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    i, depth = start + len(_BOXED), 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
-
-
 def exact_match(response: str, answer: str) -> bool:
-    """The warm-up's own check: the last boxed content equals the gold answer (spaces ignored)."""
-    got = last_boxed(response)
+    """The warm-up's own quick check: the last boxed content (the reward's extraction) equals the
+    gold answer, spaces ignored; no math-verify, so thousands of generations grade instantly."""
+    from pipelines.reward import extract_boxed
+
+    got = extract_boxed(response)
     return got is not None and re.sub(r"\s+", "", got) == re.sub(r"\s+", "", str(answer))
 
 
@@ -297,7 +272,9 @@ def warmup_sft(model_dir, out_dir, *, n_problems: int = DEFAULT_RECIPE["n_proble
     if longest > max_len:
         # SFTDataset would silently cut answers (their \boxed{} included) at max_len.
         raise ValueError(f"the longest prompt + answer has {longest} tokens > max_len={max_len}; raise max_len")
-    dataset = write_jsonl(rows, work / "sft_train.jsonl")
+    from pipelines.data import write_jsonl_atomic
+
+    dataset = write_jsonl_atomic(rows, work / "sft_train.jsonl")
     tb_dir = work / "tensorboard"
     if tb_dir.exists():  # losses are read back from here: no events of an earlier run
         shutil.rmtree(tb_dir)

@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.prompts import build_prompt
-from pipelines.warmup import (arith_problems, exact_match, heldout_problems, last_boxed, sft_loss, sft_records)
+from pipelines.reward import extract_boxed
+from pipelines.warmup import (arith_problems, exact_match, heldout_problems, sft_loss, sft_records)
 
 SHORT_RUN = ["--problems", "320", "--epochs", "1", "--seed", "0", "--quiet", "--eval", "20"]
 SHORT_STEPS = 320 // 32
@@ -52,8 +53,8 @@ def test_exact_match_compares_the_last_boxed_answer(text, answer, ok):
 
 
 def test_last_boxed_handles_nested_braces():
-    assert last_boxed("x \\boxed{\\frac{3}{4}} y") == "\\frac{3}{4}"
-    assert last_boxed("nothing") is None
+    assert extract_boxed("x \\boxed{\\frac{3}{4}} y") == "\\frac{3}{4}"
+    assert extract_boxed("nothing") is None
 
 
 def test_cli_refuses_to_overwrite_a_model(tmp_path, tiny_model_dir):
