@@ -79,8 +79,11 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
             raise click.UsageError(f"{name} is required (or use --resume RUN_DIR)")
 
     settings = _load_yaml_config(config_path) if config_path else {}
-    algo = algo or settings.pop("algo", "ngrpo")
-    preset = settings.pop("preset", preset) if preset == "auto" else preset
+    # the command line wins over the file for these two as for every setting
+    yaml_algo, yaml_preset = settings.pop("algo", None), settings.pop("preset", None)
+    algo = algo or yaml_algo or "ngrpo"
+    if preset == "auto" and yaml_preset:
+        preset = yaml_preset
     device = training.detect_device() if device == "auto" else device
     if preset == "auto":
         preset = "cpu-tiny" if device == "cpu" else "paper"

@@ -59,6 +59,19 @@ def test_flags_config_and_passthrough_override_the_recipe(tmp_path):
     assert _value(argv, "--vllm.sync_backend") == ["gloo"]
 
 
+def test_flags_win_over_algo_and_preset_in_the_config(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "1", "problem": "1+1?", "answer": "2"}) + "\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("algo: dapo\npreset: cpu-tiny\n")
+    result = invoke("train", "--model", "m", "--data", str(data), "--device", "cpu", "--algo", "ngrpo",
+                    "--preset", "paper", "--config", str(config), "--dry-run")
+    assert result.exit_code == 0, result.output
+    argv = _argv_of(result.output)
+    assert _value(argv, "--actor.eps_clip_low_high", 2) == ["0.16", "0.24"]  # ngrpo, not dapo
+    assert _value(argv, "--rollout.batch_size") == ["1024"]  # paper, not cpu-tiny
+
+
 def test_unknown_config_key_names_the_file(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("eps_clip_hihg: 0.3\n")
