@@ -32,10 +32,13 @@ import click
 @click.option("--overwrite", is_flag=True, help="Discard earlier samples in OUT_DIR instead of resuming.")
 @click.option("--grader-timeout", default=None, type=float,
               help="Wall-clock seconds math-verify may spend on one answer (default 5; NGRPO_GRADER_TIMEOUT).")
+@click.option("--answer-extraction", type=click.Choice(["boxed", "authors"]), default="boxed", show_default=True,
+              help="boxed: the last \\boxed{} (SPEC §6); authors: the NGRPO authors' rule (last boxed, else the text "
+                   "after 'the answer is', else the last number).")
 @click.option("--trust-remote-code", is_flag=True)
 def eval_cmd(model, benchmarks, out_dir, backend, n, temperature, top_p, max_new_tokens, seed, limit, data_dir, dtype,
              batch_size, tensor_parallel_size, gpu_memory_utilization, max_model_len, save_token_ids, overwrite,
-             grader_timeout, trust_remote_code):
+             grader_timeout, answer_extraction, trust_remote_code):
     """Sample answers, grade them with math-verify, report avg@n, pass@k and maj@n.
 
     Uses the training chat prompt and the paper's evaluation settings by default (temperature 0.6,
@@ -63,6 +66,7 @@ def eval_cmd(model, benchmarks, out_dir, backend, n, temperature, top_p, max_new
                  batch_size=batch_size, tensor_parallel_size=tensor_parallel_size,
                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                  save_token_ids=save_token_ids, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                 answer_extraction=answer_extraction,
                  log=lambda s: click.echo(s, err=True))
     except EvalError as err:
         raise click.ClickException(str(err))

@@ -8,7 +8,8 @@ from pipelines.recipes import ALGOS, FIELDS, PRESETS
 # Recipe settings become flags: --eps-clip-low 0.16, --group-filter none, ...
 _TYPES = {"group_filter": click.Choice(["none", "drop_all_correct", "drop_all_correct_and_all_wrong", "drop_all_wrong"]),
           "kl_mode": click.Choice(["none", "loss", "reward"]), "kl_estimator": click.Choice(["k1", "k2", "k3"]),
-          "loss_agg": click.Choice(["token-mean", "seq-mean-token-mean"]), "estimator": str, "overlong_buffer": int}
+          "loss_agg": click.Choice(["token-mean", "seq-mean-token-mean"]), "estimator": str, "overlong_buffer": int,
+          "answer_extraction": click.Choice(["boxed", "authors"])}
 
 
 def _recipe_options(func):
@@ -96,9 +97,15 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
     layout = training.Layout.for_device(device, nodes=nodes, gpus_per_node=gpus_per_node, vllm_engines=vllm_engines,
                                         vllm_tensor_parallel=vllm_tp, colocate=colocate)
     save_steps = save_steps or (1 if device == "cpu" else 20)
+    if not dry_run or Path(model).expanduser().exists():
+        from pipelines.models import resolve_model
+
+        model_path = resolve_model(model, log=lambda msg: click.echo(msg, err=True)).path
+    else:
+        model_path = model
     run_path = Path(run_dir or "ngrpo-dry-run").resolve()
     argv = training.build_openrlhf_argv(
-        recipe, model=model, train_file=str(run_path / "data" / "train.jsonl"), run_dir=str(run_path), layout=layout,
+        recipe, model=model_path, train_file=str(run_path / "data" / "train.jsonl"), run_dir=str(run_path), layout=layout,
         reward_file=reward_file or training.DEFAULT_REWARD_FILE, save_steps=save_steps, extra=openrlhf_args)
     patch_config = training.build_patch_config(recipe, device=device, run_dir=str(run_path), max_steps=max_steps)
 
@@ -124,7 +131,7 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
                                    f"{recipe['prompts_per_step']} prompts (--prompts-per-step)")
     training.write_training_file(problems, run_path / "data" / "train.jsonl")
     manifest = {
-        "ngrpo_version": _version(), "model": model, "algo": algo, "preset": preset, "device": device,
+        "ngrpo_version": _version(), "model": model_path, "model_spec": model, "algo": algo, "preset": preset, "device": device,
         "data": str(Path(data_path).resolve()), "num_problems": len(problems), "recipe": recipe,
         "layout": layout.__dict__, "max_steps": max_steps, "openrlhf_argv": argv,
         "patch_config": patch_config.__dict__,

@@ -33,6 +33,8 @@ class PatchConfig:
     start_step: int = 0
     # Seed of each worker's torch RNG (see install.worker_setup); None leaves it unseeded.
     seed: Optional[int] = None
+    # How the reward extracts the final answer (pipelines.reward.EXTRACTIONS).
+    answer_extraction: str = "boxed"
 
     def to_env(self) -> dict:
         return {ENV_VAR: json.dumps(dataclasses.asdict(self))}

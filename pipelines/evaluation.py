@@ -196,25 +196,14 @@ def summary_markdown(summary: dict) -> str:
 # Model resolution
 # --------------------------------------------------------------------------------------------
 def resolve_model(spec: str):
-    """(model path or Hub id, run dir or None). A folder holding ngrpo_run.json is a run directory
-    from `ngrpo train`; its model is RUN_DIR/final_model."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        if (p / RUN_MANIFEST).exists():
-            final = p / "final_model"
-            if not (final / "config.json").exists():
-                raise EvalError(f"{p} is an ngrpo run directory but {final} holds no Hugging Face model yet "
-                                "(the run has not finished: export a checkpoint with `ngrpo export-hf`)")
-            return str(final.resolve()), p.resolve()
-        if not (p / "config.json").exists():
-            raise EvalError(f"{p}: not a Hugging Face model folder (no config.json) nor an ngrpo run directory "
-                            f"(no {RUN_MANIFEST})")
-        return str(p.resolve()), None
-    if p.exists():
-        raise EvalError(f"{p}: expected a model folder, a run directory or a Hub model id")
-    if spec.count("/") != 1 or spec.startswith((".", "/")):
-        raise EvalError(f"{spec}: no such model folder (and not a Hub id like Qwen/Qwen2.5-Math-7B)")
-    return spec, None
+    """(model path or Hub id, run dir or None); see pipelines.models.resolve_model."""
+    from pipelines.models import ModelError, resolve_model as resolve
+
+    try:
+        resolved = resolve(spec, log=lambda msg: print(msg, file=sys.stderr))
+    except ModelError as err:
+        raise EvalError(str(err)) from None
+    return resolved.path, resolved.run_dir
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +380,7 @@ class EvalSettings:
     top_p: float = 0.95
     max_new_tokens: int = 4096
     seed: int = 0
+    answer_extraction: str = "boxed"
     prompt_template_sha: str = field(default_factory=lambda: hashlib.sha256(CHAT_PROMPT_TEMPLATE.encode()).hexdigest()[:16])
 
     def key(self) -> str:
@@ -426,7 +416,7 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
              limit: Optional[int] = None, data_dir=None, dtype: str = "auto", batch_size: int = 16,
              chunk_size: int = 256, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
              max_model_len: Optional[int] = None, save_token_ids: bool = False, overwrite: bool = False,
-             trust_remote_code: bool = False, progress: Optional[bool] = None,
+             trust_remote_code: bool = False, progress: Optional[bool] = None, answer_extraction: str = "boxed",
              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Generate the missing samples, grade them, write samples/summary. Returns the summary dict."""
     from tqdm.auto import tqdm
@@ -458,7 +448,7 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
         problems[name] = recs[:limit] if limit else recs
 
     settings = EvalSettings(model=model_path, temperature=float(temperature), top_p=float(top_p),
-                            max_new_tokens=int(max_new_tokens), seed=int(seed))
+                            max_new_tokens=int(max_new_tokens), seed=int(seed), answer_extraction=answer_extraction)
     skey = settings.key()
     cfg_path, samples_path = out_dir / CONFIG_FILE, out_dir / SAMPLES_FILE
     if overwrite:
@@ -528,7 +518,7 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
         try:
             n_tokens_total, t_gen = _generate_and_grade(engine, tok, requests, gold, eos, pad_id, temperature, top_p,
                                                         max_new_tokens, chunk_size, samples_path, skey, save_token_ids,
-                                                        done, gen_bar, grade_bar)
+                                                        done, gen_bar, grade_bar, answer_extraction)
         finally:
             gen_bar.close()
             grade_bar.close()
@@ -555,7 +545,7 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
 
 
 def _generate_and_grade(engine, tok, requests, gold, eos, pad_id, temperature, top_p, max_new_tokens, chunk_size,
-                        samples_path, skey, save_token_ids, done, gen_bar, grade_bar):
+                        samples_path, skey, save_token_ids, done, gen_bar, grade_bar, answer_extraction="boxed"):
     """Generate in chunks; grade each chunk and append its rows to samples.jsonl (fsync'd) at once."""
     from pipelines.reward import grade_many
 
@@ -568,7 +558,7 @@ def _generate_and_grade(engine, tok, requests, gold, eos, pad_id, temperature, t
             t_gen += time.time() - t1
             gen_bar.update(len(chunk))
             texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
-            results = grade_many(texts, [gold[(r.key[0], r.key[1])] for r in chunk])
+            results = grade_many(texts, [gold[(r.key[0], r.key[1])] for r in chunk], extraction=answer_extraction)
             grade_bar.update(len(chunk))
             for r, g, text, res in zip(chunk, gens, texts, results):
                 n_tokens_total += len(g.token_ids)

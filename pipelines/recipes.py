@@ -46,6 +46,8 @@ FIELDS = {
     "micro_rollout_batch_size": (8, "Samples per micro-batch when computing log-probs for experiences."),
     "zero_stage": (2, "DeepSpeed ZeRO stage (0-3)."),
     "seed": (42, "Random seed (data order, sampling)."),
+    # -- reward
+    "answer_extraction": ("boxed", "How the reward finds a response's final answer: boxed (the last \\boxed{}, SPEC §6) or authors (the NGRPO authors' reward: last boxed, else the text after 'the answer is', else the last number)."),
 }
 
 PAPER = {name: default for name, (default, _) in FIELDS.items()}

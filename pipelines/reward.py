@@ -176,6 +176,38 @@ def extract_boxed(text: str) -> Optional[str]:
     return content or None
 
 
+EXTRACTIONS = ("boxed", "authors")
+_ANSWER_IS_RE = re.compile(r"[Tt]he answer is")
+_NUMBER_RE = re.compile(r"-?\d*\.?\d+")
+
+
+def extract_answer(text: str, mode: str = "boxed") -> Optional[str]:
+    """The final answer of a response under an extraction rule.
+
+    * "boxed" (SPEC §6, the default): the last ``\\boxed{}``, else None.
+    * "authors": the NGRPO authors' training reward (``extract_answer_math`` in their verl fork):
+      the last boxed answer, else the text after the last "the answer is" (its first line, a
+      leading ":" and a trailing "." or "/" removed), else the last number of the response.
+    """
+    if mode not in EXTRACTIONS:
+        raise ValueError(f"unknown answer extraction {mode!r}; choose one of {', '.join(EXTRACTIONS)}")
+    boxed = extract_boxed(text or "")
+    if boxed is not None or mode == "boxed" or not text:
+        return boxed
+    parts = _ANSWER_IS_RE.split(text)
+    if len(parts) > 1:
+        answer = parts[-1].strip()
+    else:
+        numbers = _NUMBER_RE.findall(text.replace(",", ""))
+        answer = numbers[-1] if numbers else ""
+    answer = answer.split("\n")[0].strip()
+    if answer.startswith(":"):
+        answer = answer[1:].strip()
+    while answer and answer[-1] in "./":
+        answer = answer[:-1].rstrip()
+    return answer or None
+
+
 _SPECIAL_TOKEN_RE = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>")
 
 
@@ -606,13 +638,14 @@ def answers_equivalent(gold: str, pred: str, timeout: Optional[float] = None) ->
 
 
 def grade_many(responses: Sequence[str], golds: Sequence[str], timeout: Optional[float] = None,
-               quick: bool = True) -> list:
+               quick: bool = True, extraction: str = "boxed") -> list:
     """Grade many responses at once (the worker pool runs them in parallel).
 
-    quick=False sends every boxed answer through math-verify (no string/integer shortcuts, no cache)."""
+    quick=False sends every extracted answer through math-verify (no string/integer shortcuts, no
+    cache). extraction: "boxed" or "authors" (see extract_answer)."""
     if len(responses) != len(golds):
         raise ValueError(f"grade_many: {len(responses)} responses but {len(golds)} gold answers")
-    extracted = [extract_boxed(r or "") for r in responses]
+    extracted = [extract_answer(r or "", extraction) for r in responses]
     idx = [k for k, e in enumerate(extracted) if e is not None]
     verdicts = answers_equivalent_many([(golds[k], extracted[k]) for k in idx], timeout, quick)
     out = [GradeResult(False, e, False) for e in extracted]
@@ -664,7 +697,8 @@ def reward_func(queries, prompts, labels, **kwargs):
     if not (len(queries) == len(prompts) == len(labels)):
         raise ValueError(f"reward_func: {len(queries)} queries, {len(prompts)} prompts, {len(labels)} labels")
     responses = [split_response(q, p) for q, p in zip(queries, prompts)]
-    results = grade_many(responses, ["" if lab is None else str(lab) for lab in labels])
+    extraction = os.environ.get("NGRPO_ANSWER_EXTRACTION", "boxed")
+    results = grade_many(responses, ["" if lab is None else str(lab) for lab in labels], extraction=extraction)
     rewards = torch.tensor([1.0 if r.correct else 0.0 for r in results], dtype=torch.float32)
     return {
         "rewards": rewards,

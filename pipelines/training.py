@@ -181,6 +181,7 @@ def build_patch_config(recipe: dict, *, device: str, run_dir: Optional[str], max
         run_dir=str(run_dir) if run_dir else None,
         max_steps=max_steps,
         seed=recipe["seed"],
+        answer_extraction=recipe["answer_extraction"],
     )
 
 
@@ -263,6 +264,8 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
         "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
         "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
         **patch_config.to_env(),
+        # read by the reward file inside the rollout actors (pipelines/reward.py)
+        "NGRPO_ANSWER_EXTRACTION": patch_config.answer_extraction,
     }
     init_kwargs = {}
     if patch_config.device == "cpu":

