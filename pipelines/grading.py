@@ -7,15 +7,15 @@ reward (pipelines/reward.py, OpenRLHF's reward file) and the evaluation both gra
 Threading and hard time bounds
 ------------------------------
 math-verify's own timeouts use ``signal.alarm`` and only work in a main thread, and some inputs
-(``9^{9^{9^9}}``) hang inside C code where no signal handler runs. So math-verify never runs in
-the calling process but in a pebble ``ProcessPool`` of grader processes, with its signal timeouts
-disabled. Each answer is one pool task with a wall-clock timeout; pebble kills a worker past it and
-starts a new one, and the answer scores 0 and counts as a timeout. A worker that dies (segfault,
-out of memory; workers run under an address-space limit) counts the same way. Workers are
-started with ``spawn`` (fork+exec): callers are threaded processes (Ray actors running vLLM),
-where a plain fork is unsafe. Any number of threads may grade at once; they share one pool per
-process, and a forked child makes its own. As with any spawned pool, each worker imports the main
-module, so a script that grades must keep its work under ``if __name__ == "__main__":``.
+(``9^{9^{9^9}}``) would run for hours or eat all memory. So math-verify never runs in the calling
+process but in a pebble ``ProcessPool`` of grader processes, with its signal timeouts disabled.
+Each answer is one pool task with a wall-clock timeout; pebble kills a worker past it and starts
+a new one, and the answer scores 0 and counts as a timeout. A worker that dies (segfault, out of
+memory; workers run under an address-space limit) counts the same way. Workers are started with
+``spawn`` (fork+exec): callers are threaded processes (Ray actors running vLLM), where a plain
+fork is unsafe. Any number of threads may grade at once; they share one pool per process, and a
+forked child makes its own. As with any spawned pool, each worker imports the main module, so a
+script that grades must keep its work under ``if __name__ == "__main__":``.
 
 Cheap checks run first in the caller and never reach a worker: no answer (0), an answer longer
 than the length limit (0), normalised string equality (1), two plain integers (compared exactly),
@@ -585,8 +585,9 @@ _MV: dict = {}  # math-verify's parse, verify and extraction config, loaded by _
 
 def _init_worker(max_memory_mb: int) -> None:
     """The pool's initializer: bound the worker, then load and warm up math-verify."""
-    # pebble's SIGTERM handler is Python code, which cannot run while math-verify is stuck in C
-    # (a huge power): with the default action a timed-out worker dies at once, not 3 s later.
+    # pebble's SIGTERM handler is Python code, which waits while the worker is in a C call that does
+    # not check for signals; pebble then waits 3 s before SIGKILL, and no worker can take a task
+    # meanwhile. With the default action a timed-out worker dies at once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _limit_address_space(max_memory_mb)
     sys.setrecursionlimit(WORKER_RECURSION_LIMIT)
