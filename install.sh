@@ -34,7 +34,7 @@ if [ "$PROFILE" = cpu ]; then
 else
   $PIP install -q "openrlhf[vllm]==0.11.2"
 fi
-$PIP install -q "math-verify[antlr4_13_2]==0.9.0" click pyyaml matplotlib pandas pyarrow \
+$PIP install -q "math-verify[antlr4_13_2]==0.9.0" pebble==5.2.3 click pyyaml matplotlib pandas pyarrow \
   pytest hypothesis tokenizers torch==2.13.0
 $PIP install -q --no-deps -e .
 touch "$STAMP"

@@ -54,9 +54,9 @@ def eval_cmd(model, benchmarks, out_dir, backend, n, temperature, top_p, max_new
     from pipelines.evaluation import EvalError, run_eval
 
     if grader_timeout is not None:
-        from pipelines import reward
+        from pipelines import grading
 
-        reward.configure(timeout=grader_timeout)
+        grading.configure(timeout=grader_timeout)
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
     if not names:
         raise click.BadParameter("no benchmark given", param_hint="--benchmarks")

@@ -33,7 +33,7 @@ class PatchConfig:
     start_step: int = 0
     # Seed of each worker's torch RNG (see install.worker_setup); None leaves it unseeded.
     seed: Optional[int] = None
-    # How the reward extracts the final answer (pipelines.reward.EXTRACTIONS).
+    # How the reward extracts the final answer (pipelines.grading.EXTRACTIONS).
     answer_extraction: str = "boxed"
 
     def to_env(self) -> dict:

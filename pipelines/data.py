@@ -350,7 +350,7 @@ def _is_empty(value) -> bool:
 
 def normalise_row(row: dict, source_name: str, extra_meta: Optional[dict] = None):
     """-> (record, field_of_error, message). record is None on error."""
-    from pipelines.reward import clean_answer, extract_boxed
+    from pipelines.grading import clean_answer, extract_boxed
 
     if not isinstance(row, dict):
         return None, "row", f"expected an object, got {type(row).__name__}"
@@ -479,7 +479,7 @@ def collect(sources, data_dir=None, check_answers: bool = True, progress: Option
             seen[rec["id"]] = (src.label, src.unit, number)
     # gold answers math-verify cannot parse
     if check_answers:
-        from pipelines.reward import gold_answers_parse
+        from pipelines.grading import gold_answers_parse
 
         unique = sorted({rec["answer"] for rec, *_ in located})
         show = progress if progress is not None else len(unique) >= 500

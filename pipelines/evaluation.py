@@ -73,7 +73,7 @@ def majority_vote(answers: Sequence[Optional[str]], correct: Sequence[bool],
     representatives are equivalent (correct answers are all equivalent to the gold, so they form one
     group). Ties go to the group that appeared first.
     """
-    from pipelines.reward import _normalise, answers_equivalent_many
+    from pipelines.grading import _normalise, answers_equivalent_many
 
     equivalent = equivalent or answers_equivalent_many
     groups = []  # [representative index, count, first index]
@@ -547,7 +547,7 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
 def _generate_and_grade(engine, tok, requests, gold, eos, pad_id, temperature, top_p, max_new_tokens, chunk_size,
                         samples_path, skey, save_token_ids, done, gen_bar, grade_bar, answer_extraction="boxed"):
     """Generate in chunks; grade each chunk and append its rows to samples.jsonl (fsync'd) at once."""
-    from pipelines.reward import grade_many
+    from pipelines.grading import grade_many
 
     n_tokens_total, t_gen = 0, 0.0
     with open(samples_path, "a", encoding="utf-8") as f:

@@ -106,7 +106,7 @@ def longest_row_tokens(model_dir, rows: Sequence[dict]) -> int:
 def exact_match(response: str, answer: str) -> bool:
     """The warm-up's own quick check: the last boxed content (the reward's extraction) equals the
     gold answer, spaces ignored; no math-verify, so thousands of generations grade instantly."""
-    from pipelines.reward import extract_boxed
+    from pipelines.grading import extract_boxed
 
     got = extract_boxed(response)
     return got is not None and re.sub(r"\s+", "", got) == re.sub(r"\s+", "", str(answer))

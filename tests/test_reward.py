@@ -1,4 +1,4 @@
-"""The math-verify reward (pipelines/reward.py): hand-written cases, MATH500 golds, OpenRLHF contract, fuzz."""
+"""Grading (pipelines/grading.py) and the reward file: hand-written cases, MATH500 golds, OpenRLHF contract, fuzz."""
 import asyncio
 import importlib.util
 import json
@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import reward as R
+from pipelines import grading as R
+from pipelines import reward
 from pipelines.prompts import build_prompt
 
-REWARD_FILE = Path(R.__file__)
+REWARD_FILE = Path(reward.__file__)
 
 # (response, gold answer, expected verdict)
 CASES = [
@@ -196,7 +197,7 @@ def test_reward_func_contract():
     prompt = build_prompt("What is 3 + 4?")
     queries = [prompt + r"so \boxed{7}<|im_end|>", prompt + r"\boxed{8}<|im_end|>", prompt + "seven<|im_end|>",
                prompt + r"\boxed{\frac{14}{2}}<|endoftext|>"]
-    out = R.reward_func(queries, [prompt] * 4, ["7"] * 4)
+    out = reward.reward_func(queries, [prompt] * 4, ["7"] * 4)
     assert set(out) == {"rewards", "scores", "extra_logs"}
     assert out["rewards"].dtype == torch.float32 and out["scores"].dtype == torch.float32
     assert out["rewards"].tolist() == [1.0, 0.0, 0.0, 1.0]
@@ -228,7 +229,7 @@ def test_reward_file_loaded_standalone_from_a_thread():
     t.join(120)
     assert not t.is_alive()
     assert result["out"]["rewards"].tolist() == [1.0, 0.0]
-    module.shutdown()
+    R.shutdown()
 
 
 @pytest.mark.slow
@@ -346,7 +347,7 @@ def test_fuzz_reward_func_from_threads():
             k += size
             start = time.monotonic()
             try:
-                out = R.reward_func([prompt + items[i] for i in batch], [prompt] * len(batch), [labels[i] for i in batch])
+                out = reward.reward_func([prompt + items[i] for i in batch], [prompt] * len(batch), [labels[i] for i in batch])
             except Exception as err:  # noqa: BLE001 - the test records any exception as a failure
                 with lock:
                     errors.append(repr(err))

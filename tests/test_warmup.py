@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.prompts import build_prompt
-from pipelines.reward import extract_boxed
+from pipelines.grading import extract_boxed
 from pipelines.warmup import (arith_problems, exact_match, heldout_problems, sft_loss, sft_records)
 
 SHORT_RUN = ["--problems", "320", "--epochs", "1", "--seed", "0", "--quiet", "--eval", "20"]
