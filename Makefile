@@ -15,7 +15,7 @@ test: setup
 	$(PY) -m pytest
 
 test-fast: setup
-	$(PY) -m pytest -m "not pipeline and not slow"
+	$(PY) -m pytest -m "not pipeline and not slow and not real_model"
 
 benchmarks: setup
 	$(PY) benchmarks/advantages.py

@@ -1,6 +1,6 @@
 """Vectorised NGRPO advantages vs the per-sample Python loop of the authors' verl code.
 
-One training step of the SPEC §5 recipe: 1024 prompts x 8 samples, binary rewards. The
+One training step of the docs/ALGORITHM.md §5 recipe: 1024 prompts x 8 samples, binary rewards. The
 reference (openrlhf_patch.reference) builds a dict of groups keyed by prompt index and loops
 over samples, as verl 0.2 does; openrlhf_patch.algorithms.group_advantages does one reshape
 and a few reductions. Both run on CPU with torch.set_num_threads(1), so the comparison

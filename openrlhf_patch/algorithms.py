@@ -1,4 +1,4 @@
-"""NGRPO's algorithm core: group advantages, group filters, the dual-clip policy loss, diagnostics.
+"""NGRPO's algorithm core: the advantage estimators, group filters, clip fractions, diagnostics.
 
 Pure torch (no openrlhf / ray / vllm / deepspeed), so it can be tested on CPU and reused by any
 trainer. Everything is vectorised over the batch: a batch is a 1-D tensor of B = n_groups *
@@ -6,7 +6,7 @@ group_size scalar rewards ordered group by group (all samples of prompt 0, then 
 which is the layout OpenRLHF's `n_samples_per_prompt` rollouts already have. Reshaping to
 (n_groups, group_size) turns every per-group statistic into one reduction over dim 1.
 
-Sources (SPEC.md is the project's reading of them):
+Sources (docs/ALGORITHM.md is the project's reading of them; each estimator names its paper):
   * NGRPO: Nan et al., "NGRPO: Negative-enhanced Group Relative Policy Optimization",
     arXiv 2509.18851, and the authors' verl 0.2 fork (compute_ngrpo_outcome_advantage).
   * GRPO: Shao et al., DeepSeekMath, arXiv 2402.03300.
@@ -15,21 +15,27 @@ Sources (SPEC.md is the project's reading of them):
   * PSR / NSR / W-REINFORCE: Zhu et al., "The Surprising Effectiveness of Negative
     Reinforcement in LLM Reasoning", arXiv 2506.01347.
   * DAPO (clip-higher, dynamic sampling): Yu et al., arXiv 2503.14476.
+
+Adding an estimator: one function registered with @register_estimator (its keyword-only
+parameters are its options, taken from ESTIMATOR_OPTIONS), a recipe in pipelines/recipes.py, and
+its tests. Everything else (recipe choices, CLI help, the set of estimators the OpenRLHF patch
+computes) is derived from ESTIMATORS.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import operator
+from typing import Callable, Dict, Tuple
 
 import torch
 
-ESTIMATORS = ("grpo", "ngrpo", "dr_grpo", "rloo", "w_reinforce", "psr", "nsr")
 GROUP_FILTERS = ("none", "drop_all_correct", "drop_all_correct_and_all_wrong", "drop_all_wrong")
-AGGREGATIONS = ("token-mean", "seq-mean")
 
 # OpenRLHF's PolicyLoss clamps the log-ratio to this range before exp(): a token whose new and
 # old log-probs differ by more than 20 nats is garbage either way, and exp(>88) is inf in float32.
-_LOG_RATIO_LIMIT = 20.0
+LOG_RATIO_LIMIT = 20.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,8 +102,51 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Advantages
+# Advantage estimators: one registered function each (in the manner of verl's register_adv_est)
 # --------------------------------------------------------------------------------------------
+# Every option an estimator may take: (default, what it means). An estimator's options are the
+# keyword-only parameters of its function; the recipe has a field of the same name for each, and
+# the run carries the chosen values to the workers as one mapping (PatchConfig.estimator_options).
+ESTIMATOR_OPTIONS = {
+    "virtual_samples": (1, "NGRPO: K virtual responses of reward R_max appended to each group before its "
+                           "mean and std (NGRPO paper, K = 1)."),
+    "max_reward": (1.0, "R_max, the largest reward the task can give (not the batch maximum); a response "
+                        "is correct when its reward reaches it."),
+    "adv_eps": (1e-6, "Epsilon of (r - mean) / (std + eps), as in the NGRPO authors' code."),
+    "w_reinforce_lambda": (0.1, "W-REINFORCE: advantage of a correct response (+lambda; a wrong one gets -1)."),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    name: str
+    compute: Callable[..., torch.Tensor]  # (groups of shape (n_groups, G), **options) -> same shape
+    paper: str
+    summary: str                          # the function's first docstring line
+    options: Tuple[str, ...]              # the ESTIMATOR_OPTIONS it reads
+    # Which responses the policy is trained on: all, or only the correct / only the wrong ones
+    # (PSR and NSR as the authors run them: the batch is subset to one class).
+    trains_on: str = "all"
+
+
+ESTIMATORS: Dict[str, Estimator] = {}
+
+
+def register_estimator(name: str, *, paper: str, trains_on: str = "all"):
+    """Register `fn(groups, *, option=...) -> advantages` as advantage estimator NAME."""
+
+    def decorate(fn):
+        params = inspect.signature(fn).parameters.values()
+        options = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+        unknown = [o for o in options if o not in ESTIMATOR_OPTIONS]
+        if unknown or name in ESTIMATORS or trains_on not in ("all", "correct", "wrong"):
+            raise ValueError(f"estimator {name!r}: unknown options {unknown}, duplicate name or bad trains_on")
+        summary = (inspect.getdoc(fn) or "").split("\n")[0]
+        ESTIMATORS[name] = Estimator(name, fn, paper, summary, options, trains_on)
+        return fn
+
+    return decorate
+
 
 def _group_normalise(groups: torch.Tensor, virtual_samples: int, virtual_value: float, eps: float):
     """(x - mean) / (std + eps) per row, with `virtual_samples` extra copies of `virtual_value`.
@@ -108,13 +157,13 @@ def _group_normalise(groups: torch.Tensor, virtual_samples: int, virtual_value: 
     groups get an advantage of exactly 0 instead of rounding noise divided by eps (which can be
     O(0.1) for rewards such as 0.7 whose float mean is not exactly 0.7). The virtual samples
     then have deviation 0 and only enter through the count N and the mean.
+    A lone response (G = 1) has mean 0 and std 1 and no virtual sample, as in the authors' code.
     """
     n_real = groups.shape[1]
+    if n_real == 1:
+        return groups / (1.0 + eps)
     n_total = n_real + virtual_samples
-    if virtual_samples > 0:
-        shift = torch.full_like(groups[:, :1], virtual_value)
-    else:
-        shift = groups[:, :1]
+    shift = torch.full_like(groups[:, :1], virtual_value) if virtual_samples > 0 else groups[:, :1]
     dev = groups - shift
     mean_dev = dev.sum(dim=1, keepdim=True) / n_total
     centred = dev - mean_dev
@@ -125,100 +174,126 @@ def _group_normalise(groups: torch.Tensor, virtual_samples: int, virtual_value: 
     return centred / (std + eps)
 
 
-def group_advantages(
-    rewards: torch.Tensor,
-    group_size: int,
-    estimator: str,
-    *,
-    virtual_samples: int = 1,
-    max_reward: float = 1.0,
-    eps: float = 1e-6,
-    w_reinforce_lambda: float = 0.1,
-) -> torch.Tensor:
+@register_estimator("grpo", paper="Shao et al. 2024, DeepSeekMath, arXiv 2402.03300")
+def grpo(groups, *, adv_eps):
+    """(r - mean) / (std + eps) over the group, std Bessel-corrected; a uniform group gets 0.
+
+    On hard data most groups are all-wrong, so most samples carry no gradient (docs/ALGORITHM.md §1).
+    """
+    return _group_normalise(groups, 0, 0.0, adv_eps)
+
+
+@register_estimator("ngrpo", paper="Nan et al. 2025, NGRPO, arXiv 2509.18851")
+def ngrpo(groups, *, virtual_samples, max_reward, adv_eps):
+    """GRPO with K virtual responses of reward R_max in each group's mean and std (docs/ALGORITHM.md §2).
+
+    An all-wrong group now has mean > r and std > 0, so it gets a negative advantage (-1/3 each
+    for G = 8, K = 1) and is learned from; the virtual samples are never returned or trained on.
+    K = 0 is exactly grpo.
+    """
+    return _group_normalise(groups, virtual_samples, max_reward, adv_eps)
+
+
+@register_estimator("dr_grpo", paper="Liu et al. 2025, Understanding R1-Zero-Like Training, arXiv 2503.20783")
+def dr_grpo(groups):
+    """r - mean over the group, without GRPO's division by the std (a lone response gets r)."""
+    if groups.shape[1] == 1:
+        return groups.clone()
+    dev = groups - groups[:, :1]  # shifted so identical rewards give exactly 0
+    return dev - dev.mean(dim=1, keepdim=True)
+
+
+@register_estimator("rloo", paper="Ahmadian et al. 2024, Back to Basics (RLOO), arXiv 2402.14740")
+def rloo(groups):
+    """r - mean of the other G - 1 rewards of the group (leave-one-out baseline; needs G >= 2)."""
+    if groups.shape[1] < 2:
+        raise ValueError(f"estimator 'rloo' needs group_size >= 2 (a leave-one-out baseline), got {groups.shape[1]}")
+    dev = groups - groups[:, :1]
+    others_mean = (dev.sum(dim=1, keepdim=True) - dev) / (groups.shape[1] - 1)
+    return dev - others_mean
+
+
+def _by_correctness(groups, max_reward, if_correct, if_wrong):
+    correct = groups >= max_reward
+    return torch.where(correct, torch.full_like(groups, if_correct), torch.full_like(groups, if_wrong))
+
+
+@register_estimator("w_reinforce", paper="Zhu et al. 2025, The Surprising Effectiveness of Negative "
+                                         "Reinforcement in LLM Reasoning, arXiv 2506.01347")
+def w_reinforce(groups, *, max_reward, w_reinforce_lambda):
+    """+lambda for a correct response (reward >= R_max), -1 for a wrong one; no baseline, no normalisation."""
+    return _by_correctness(groups, max_reward, w_reinforce_lambda, -1.0)
+
+
+@register_estimator("psr", paper="Zhu et al. 2025, arXiv 2506.01347", trains_on="correct")
+def psr(groups, *, max_reward):
+    """Positive sample reinforcement: +1 for a correct response; only correct responses are trained on."""
+    return _by_correctness(groups, max_reward, 1.0, 0.0)
+
+
+@register_estimator("nsr", paper="Zhu et al. 2025, arXiv 2506.01347", trains_on="wrong")
+def nsr(groups, *, max_reward):
+    """Negative sample reinforcement: -1 for a wrong response; only wrong responses are trained on."""
+    return _by_correctness(groups, max_reward, 0.0, -1.0)
+
+
+def check_estimator_options(options: dict) -> dict:
+    """ESTIMATOR_OPTIONS' defaults updated by OPTIONS, each checked (ValueError naming the bad one)."""
+    unknown = sorted(set(options) - set(ESTIMATOR_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown estimator option(s) {', '.join(unknown)}; valid: {', '.join(ESTIMATOR_OPTIONS)}")
+    merged = {name: default for name, (default, _) in ESTIMATOR_OPTIONS.items()}
+    merged.update(options)
+    for name in ("max_reward", "adv_eps", "w_reinforce_lambda"):
+        merged[name] = _check_finite_number(name, merged[name])
+    if merged["adv_eps"] <= 0:
+        raise ValueError(f"adv_eps must be > 0 (it keeps (r - mean) / (std + eps) finite), got {merged['adv_eps']}")
+    k = merged["virtual_samples"]
+    if isinstance(k, bool) or not isinstance(k, int) and not (isinstance(k, float) and k.is_integer()):
+        raise ValueError(f"virtual_samples must be an integer >= 0, got {k!r}")
+    merged["virtual_samples"] = int(k)
+    if merged["virtual_samples"] < 0:
+        raise ValueError(f"virtual_samples must be >= 0, got {merged['virtual_samples']}")
+    return merged
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, **options) -> torch.Tensor:
     """One scalar advantage per response, from the rewards of its group (shape (B,) -> (B,)).
 
-    estimator:
-      * "grpo" (DeepSeekMath): (r - mean_g) / (std_g + eps), std Bessel-corrected. A group whose
-        responses all get the same reward gets 0, so on hard data most samples are wasted.
-      * "ngrpo" (NGRPO, SPEC §2): as grpo, but each group's mean/std also count
-        `virtual_samples` (K) virtual responses of reward `max_reward` (R_max). An all-wrong
-        group now has mean > r and std > 0, so it gets a negative advantage (-1/3 each for
-        G=8, K=1) and is learned from; the virtual samples are never returned or trained on.
-        K=0 is exactly grpo. R_max is the largest reward the task can give, not the batch max.
-      * "dr_grpo" (Dr. GRPO): r - mean_g, no std division, which removes GRPO's bias towards
-        groups with a small reward spread.
-      * "rloo" (RLOO): r - mean of the other G-1 rewards of the group (needs group_size >= 2).
-      * "w_reinforce" (Zhu et al. 2025): +w_reinforce_lambda for a correct response
-        (reward >= max_reward), -1 for a wrong one, no baseline or normalisation; "psr" keeps
-        only the positive part (+1 / 0) and "nsr" only the negative part (0 / -1).
-
-    A group of a single response (group_size == 1) has mean 0 and std 1, so
-    A = (r - 0) / (1 + eps) ~= r, with no virtual sample, exactly as the authors' verl code does
-    for grpo and ngrpo; dr_grpo likewise uses mean 0 there (A = r).
-
-    Returns a tensor of dtype >= float32 on the rewards' device. Raises ValueError on non-finite
-    rewards, a batch that is not whole groups, an ngrpo reward above max_reward, or bad options.
+    `estimator` is a name in ESTIMATORS; `options` are ESTIMATOR_OPTIONS (defaults for the rest),
+    of which the estimator reads its own. Returns a tensor of dtype >= float32 on the rewards'
+    device. Raises ValueError on non-finite rewards, a batch that is not whole groups, an ngrpo
+    reward above max_reward, or bad options.
     """
     _check_choice("estimator", estimator, ESTIMATORS)
     group_size = _check_group_size(group_size)
-    eps = _check_finite_number("eps", eps)
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0 (it keeps (r - mean) / (std + eps) finite), got {eps}")
-    max_reward = _check_finite_number("max_reward", max_reward)
-    w_reinforce_lambda = _check_finite_number("w_reinforce_lambda", w_reinforce_lambda)
-    if isinstance(virtual_samples, bool):
-        raise ValueError(f"virtual_samples must be an integer >= 0, got {virtual_samples!r}")
-    try:
-        virtual_samples = operator.index(virtual_samples)
-    except TypeError:
-        raise ValueError(f"virtual_samples must be an integer >= 0, got {virtual_samples!r}") from None
-    if virtual_samples < 0:
-        raise ValueError(f"virtual_samples must be >= 0, got {virtual_samples}")
-    if estimator == "rloo" and group_size < 2:
-        raise ValueError(f"estimator 'rloo' needs group_size >= 2 (a leave-one-out baseline), got {group_size}")
-
+    options = check_estimator_options(options)
     rewards = _check_rewards(rewards, group_size)
-
     if estimator == "ngrpo":
         # A reward above R_max would make the virtual sample a *worse* response than a real one
         # and flip NGRPO's calibration, which almost always means max_reward is misconfigured.
-        above = rewards > max_reward
+        above = rewards > options["max_reward"]
         if bool(above.any()):
             idx = above.nonzero().flatten()
             first = int(idx[0])
             raise ValueError(
-                f"rewards[{first}] = {rewards[first].item()} is above max_reward={max_reward} "
+                f"rewards[{first}] = {rewards[first].item()} is above max_reward={options['max_reward']} "
                 f"({idx.numel()} reward(s) above it); ngrpo's virtual samples must carry the largest "
                 "reward the task can give"
             )
+    est = ESTIMATORS[estimator]
+    kwargs = {name: options[name] for name in est.options}
+    return est.compute(rewards.view(-1, group_size), **kwargs).reshape(-1)
 
-    # Sample-wise estimators: correctness alone decides the advantage (Zhu et al. 2025).
-    if estimator in ("w_reinforce", "psr", "nsr"):
-        correct = rewards >= max_reward
-        pos, neg = {"w_reinforce": (w_reinforce_lambda, -1.0), "psr": (1.0, 0.0), "nsr": (0.0, -1.0)}[estimator]
-        return torch.where(correct, torch.full_like(rewards, pos), torch.full_like(rewards, neg))
 
-    groups = rewards.view(-1, group_size)
-
-    if group_size == 1:
-        # verl's convention for a lone response: mean 0, std 1 (and no virtual sample).
-        if estimator == "dr_grpo":
-            return rewards.clone()
-        std = torch.ones_like(rewards)
-        return (rewards - 0.0) / (std + eps)
-
-    if estimator == "grpo":
-        adv = _group_normalise(groups, 0, 0.0, eps)
-    elif estimator == "ngrpo":
-        adv = _group_normalise(groups, virtual_samples, max_reward, eps)
-    elif estimator == "dr_grpo":
-        dev = groups - groups[:, :1]  # shifted so identical rewards give exactly 0
-        adv = dev - dev.mean(dim=1, keepdim=True)
-    else:  # rloo
-        dev = groups - groups[:, :1]
-        others_mean = (dev.sum(dim=1, keepdim=True) - dev) / (group_size - 1)
-        adv = dev - others_mean
-    return adv.reshape(-1)
+def trained_mask(rewards: torch.Tensor, estimator: str, max_reward: float = 1.0) -> torch.Tensor:
+    """Which responses the estimator trains on (bool, shape of REWARDS): all of them, or only the
+    correct / wrong ones for estimators registered with trains_on="correct" / "wrong"."""
+    trains_on = ESTIMATORS[estimator].trains_on
+    if trains_on == "all":
+        return torch.ones_like(rewards, dtype=torch.bool)
+    correct = rewards >= max_reward
+    return correct if trains_on == "correct" else ~correct
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +309,7 @@ def _group_kinds(rewards: torch.Tensor, group_size: int, max_reward: float):
 def group_keep_mask(rewards: torch.Tensor, group_size: int, mode: str, *, max_reward: float = 1.0) -> torch.Tensor:
     """Which groups to keep (shape (n_groups,), bool) under a dynamic-sampling filter.
 
-    * "drop_all_correct" (NGRPO, SPEC §4): an all-correct group has advantage 0 under both grpo
+    * "drop_all_correct" (NGRPO, docs/ALGORITHM.md §4): an all-correct group has advantage 0 under both grpo
       and ngrpo, so it is dropped; all-wrong groups are kept because NGRPO gives them signal.
     * "drop_all_correct_and_all_wrong" (DAPO): under grpo both kinds carry no gradient.
     * "drop_all_wrong": the mirror image, for ablations. "none": keep everything.
@@ -256,91 +331,30 @@ def group_keep_mask(rewards: torch.Tensor, group_size: int, mode: str, *, max_re
 
 
 # --------------------------------------------------------------------------------------------
-# Policy loss with asymmetric clipping
+# Asymmetric clipping: what share of tokens each bound clips
 # --------------------------------------------------------------------------------------------
 
-def policy_loss(
-    log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    advantages: torch.Tensor,
-    action_mask: torch.Tensor,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    aggregation: str = "token-mean",
-) -> tuple[torch.Tensor, dict]:
-    """PPO clipped surrogate with separate lower/upper clip ranges (SPEC §3).
+def clip_fractions(log_probs, old_log_probs, advantages, action_mask, eps_low: float, eps_high: float) -> dict:
+    """Share of action tokens clipped at each bound of the asymmetric clip (docs/ALGORITHM.md §3).
 
-    Per token: ratio = exp(logp - logp_old), loss = max(-A*ratio, -A*clamp(ratio, 1-eps_low,
-    1+eps_high)). For A > 0 only the upper bound binds and for A < 0 only the lower one, so
-    DAPO's clip-higher (eps_high > eps_low) lets rare good tokens grow faster, and NGRPO's
-    0.16/0.24 additionally keeps the (now much more frequent) negative updates conservative.
-
-    log_probs, old_log_probs, action_mask: (B, T); advantages: (B,) (one per response, broadcast
-    over its tokens) or (B, T). aggregation: "token-mean" (sum over action tokens / their number,
-    DAPO's token-level loss, used by every SPEC §5 recipe) or "seq-mean" (mean over sequences of
-    each sequence's token mean; sequences without action tokens are left out).
-
-    Returns (loss, stats) with detached scalar stats: clip_frac_high (share of action tokens with
-    A > 0 and ratio > 1+eps_high, i.e. the clipped branch is active and the token gets no
-    gradient), clip_frac_low (A < 0 and ratio < 1-eps_low), clip_frac (their sum, equal to
-    OpenRLHF's clip_ratio) and approx_kl (mean of logp_old - logp over action tokens, OpenRLHF's
-    and verl's ppo_kl). Like OpenRLHF, the log-ratio is clamped to +-20 before exp().
+    Per token ratio = exp(logp - logp_old); the loss max(-A*ratio, -A*clamp(ratio, 1-eps_low,
+    1+eps_high)) takes its clipped, gradient-free branch when A > 0 and ratio > 1+eps_high
+    (clip_frac_high) or A < 0 and ratio < 1-eps_low (clip_frac_low). `advantages` is (B,) or
+    (B, T). A measure for logging only: it checks nothing and returns detached float tensors, so
+    it can run beside the real loss without ever stopping training.
     """
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    for name, value in (("eps_low", eps_low), ("eps_high", eps_high)):
-        value = _check_finite_number(name, value)
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {value}")
-    if log_probs.dim() != 2:
-        raise ValueError(f"log_probs must have shape (B, T), got {tuple(log_probs.shape)}")
-    if old_log_probs.shape != log_probs.shape:
-        raise ValueError(
-            f"old_log_probs has shape {tuple(old_log_probs.shape)} but log_probs has {tuple(log_probs.shape)}"
-        )
-    if action_mask.shape != log_probs.shape:
-        raise ValueError(
-            f"action_mask has shape {tuple(action_mask.shape)} but log_probs has {tuple(log_probs.shape)}"
-        )
-    if advantages.shape == log_probs.shape[:1]:
-        advantages = advantages.unsqueeze(-1)
-    elif advantages.shape != log_probs.shape:
-        raise ValueError(
-            f"advantages must have shape (B,) = {tuple(log_probs.shape[:1])} or (B, T) = "
-            f"{tuple(log_probs.shape)}, got {tuple(advantages.shape)}"
-        )
-
-    dtype = _compute_dtype(log_probs.dtype)
-    mask = action_mask.bool()
-    log_probs = log_probs.to(dtype)
-    old_log_probs = old_log_probs.to(dtype)
-    advantages = advantages.to(dtype)
-
-    # Masked positions are zeroed *before* exp(), so padding holding -inf/NaN log-probs can
-    # neither produce NaN in the loss nor leak a NaN gradient back through torch.where.
-    log_ratio = torch.where(mask, log_probs - old_log_probs, torch.zeros_like(log_probs))
-    ratio = log_ratio.clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT).exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    token_loss = torch.where(mask, torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))
-
-    mask_f = mask.to(dtype)
-    n_tokens = mask_f.sum()
-    if aggregation == "token-mean":
-        loss = token_loss.sum() / n_tokens.clamp(min=1.0)
-    else:
-        per_seq_tokens = mask_f.sum(dim=1)
-        has_tokens = per_seq_tokens > 0
-        seq_loss = token_loss.sum(dim=1) / per_seq_tokens.clamp(min=1.0)
-        loss = (seq_loss * has_tokens).sum() / has_tokens.sum().clamp(min=1)
-
     with torch.no_grad():
-        denom = n_tokens.clamp(min=1.0)
-        high = ((advantages > 0) & (ratio > 1.0 + eps_high) & mask).to(dtype).sum() / denom
-        low = ((advantages < 0) & (ratio < 1.0 - eps_low) & mask).to(dtype).sum() / denom
-        approx_kl = (-log_ratio * mask_f).sum() / denom
-    stats = {"clip_frac_low": low, "clip_frac_high": high, "clip_frac": low + high, "approx_kl": approx_kl}
-    return loss, stats
+        dtype = _compute_dtype(log_probs.dtype)
+        mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask.bool()
+        adv = advantages.to(dtype)
+        if adv.dim() == 1:
+            adv = adv.unsqueeze(-1)
+        log_ratio = torch.where(mask, log_probs.to(dtype) - old_log_probs.to(dtype), torch.zeros((), dtype=dtype))
+        ratio = log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT).exp()
+        denom = mask.sum().clamp(min=1).to(dtype)
+        high = ((adv > 0) & (ratio > 1.0 + eps_high) & mask).sum().to(dtype) / denom
+        low = ((adv < 0) & (ratio < 1.0 - eps_low) & mask).sum().to(dtype) / denom
+    return {"clip_frac_low": low, "clip_frac_high": high}
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,18 +14,18 @@ ENV_VAR = "NGRPO_PATCH_CONFIG"
 
 @dataclasses.dataclass(frozen=True)
 class PatchConfig:
-    # Advantage estimator of ngrpo's core (openrlhf_patch.algorithms.ESTIMATORS) that replaces
-    # OpenRLHF's group step, or None to leave OpenRLHF's own estimator untouched (grpo, ppo, ...).
+    # Advantage estimator of ngrpo's core (a name in openrlhf_patch.algorithms.ESTIMATORS) that
+    # replaces OpenRLHF's group step, or None to leave OpenRLHF's own estimator (PPO's gae) alone.
     estimator: Optional[str] = None
-    # NGRPO advantage calibration (SPEC §2): K virtual samples of reward R_max, std epsilon.
-    virtual_samples: int = 1
-    max_reward: float = 1.0
-    adv_eps: float = 1e-6
-    # PSR-NSR / W-REINFORCE weight of positive samples (Zhu et al. 2025, arXiv 2506.01347).
-    w_reinforce_lambda: float = 0.1
+    # The estimator options (algorithms.ESTIMATOR_OPTIONS: K, R_max, eps, lambda), one mapping.
+    estimator_options: dict = dataclasses.field(default_factory=dict)
+    # Dynamic sampling (algorithms.GROUP_FILTERS), decided by the correctness of each response.
+    group_filter: str = "none"
+    # Stop the run when the filter dropped this many groups in a row (the reward cannot support it).
+    max_consecutive_dropped_groups: int = 512
     # "cpu" applies the CPU runtime patches in every worker; "cuda" applies none of them.
     device: str = "cuda"
-    # Where the trainer writes metrics.jsonl and its progress lines; None: no extra logging.
+    # Where the trainer writes metrics.jsonl, progress.json and its progress lines.
     run_dir: Optional[str] = None
     # Stop cleanly after this many training steps (None: run the whole schedule).
     max_steps: Optional[int] = None
@@ -35,6 +35,12 @@ class PatchConfig:
     seed: Optional[int] = None
     # How the reward extracts the final answer (pipelines.grading.EXTRACTIONS).
     answer_extraction: str = "boxed"
+    # The reward file, named in errors about the rewards it returns.
+    reward_file: Optional[str] = None
+
+    @property
+    def max_reward(self) -> float:
+        return float(self.estimator_options.get("max_reward", 1.0))
 
     def to_env(self) -> dict:
         return {ENV_VAR: json.dumps(dataclasses.asdict(self))}
@@ -45,3 +51,21 @@ class PatchConfig:
         if not raw:
             return None
         return cls(**json.loads(raw))
+
+
+_active = {"config": None}
+
+
+def activate(config: PatchConfig) -> None:
+    _active["config"] = config
+
+
+def active() -> PatchConfig:
+    """The config this process was patched with. A hook running without one would train with
+    silent defaults, so that is an error rather than a fallback."""
+    config = _active["config"]
+    if config is None:
+        raise RuntimeError(
+            f"ngrpo's OpenRLHF patch runs in process {os.getpid()} without its run settings: {ENV_VAR} did not "
+            "reach this worker (start runs with `ngrpo train`, which passes it in Ray's runtime_env)")
+    return config

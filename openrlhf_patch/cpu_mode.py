@@ -21,11 +21,16 @@ CPU_STUBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_st
 CPU_WORKER_EXTENSION = "openrlhf_patch.cpu_vllm_worker.CPUWorkerWrap"
 UPSTREAM_WORKER_EXTENSION = "openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap"
 
-# Environment every CPU-mode process needs: a small KV cache (GiB), and the flash_attn import stub.
+# Environment every CPU-mode process needs: a small KV cache (GiB), DeepSpeed's CPU accelerator,
+# and threads. The phases of a step (generate, score, train, sync) run one after another on CPU,
+# so each may use every core: vLLM would otherwise keep one core for its scheduler (one thread of
+# two on a laptop) and Ray gives an actor one OpenMP thread unless told otherwise.
 CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_TARGET_DEVICE": "cpu",
     "DS_ACCELERATOR": "cpu",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "OMP_NUM_THREADS": str(os.cpu_count() or 1),
 }
 
 
@@ -39,14 +44,29 @@ def flash_attn_missing() -> bool:
 
 
 def ensure_flash_attn_importable() -> None:
-    """OpenRLHF imports flash_attn at module level; on CPU give it a stub, only where it is missing."""
+    """OpenRLHF imports flash_attn at module level; on CPU give it a stub, only where it is missing.
+    The stub's folder also goes on this process's PYTHONPATH, for the processes it starts that no
+    hook reaches (vLLM's engine core): computed here, it is right on every node of a cluster,
+    wherever Ray unpacked ngrpo's code there."""
     if flash_attn_missing() and CPU_STUBS_DIR not in sys.path:
         sys.path.append(CPU_STUBS_DIR)
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if CPU_STUBS_DIR not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [*paths, CPU_STUBS_DIR] if p)
+
+
+def op_cache_env() -> dict:
+    """DeepSpeed compiles its CPU ops (shm_comm, fused_adam) at first use into torch's extension
+    cache, by default ~/.cache/torch_extensions, shared by every Python environment of the user:
+    another DeepSpeed version's build there is loaded as ours and fails ("deepspeed_shm_comm has no
+    attribute vector_kernel_level"). Each environment gets its own cache (a user setting wins)."""
+    return {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))}
 
 
 def cpu_env() -> dict:
     """Environment variables for Ray workers in CPU mode (user-set values win)."""
     env = {k: os.environ.get(k, v) for k, v in CPU_ENV.items()}
+    env.update(op_cache_env())
     if flash_attn_missing():
         # Reaches processes the hook never runs in (vLLM's engine core) through PYTHONPATH.
         env["PYTHONPATH"] = os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), CPU_STUBS_DIR] if p)

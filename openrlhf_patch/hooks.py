@@ -1,39 +1,42 @@
 """How NGRPO gets into OpenRLHF 0.11.2: small wraps around upstream code, in the workers.
 
-1. Advantages (run inside the PPOTrainer Ray actor): `RemoteExperienceMaker.compute_advantages_and_returns`.
-   For ngrpo / w_reinforce / psr / nsr the group step is done by `algorithms.group_advantages`;
-   everything around it (length penalties, KL-in-reward, per-token returns) is OpenRLHF's own
-   code. For upstream estimators (group_norm = GRPO, dr_grpo, rloo, gae) upstream runs unchanged.
-   Either way the batch diagnostics (share of all-wrong / all-correct / mixed groups, advantage
-   mass per kind, accuracy) are attached to the experiences, and so reach the step's metrics.
+1. Advantages (inside the PPOTrainer Ray actor): `RemoteExperienceMaker.compute_advantages_and_returns`.
+   For every estimator of ngrpo's core (algorithms.ESTIMATORS: grpo, ngrpo, dr_grpo, rloo,
+   w_reinforce, psr, nsr) the group step is `algorithms.group_advantages`; everything around it
+   (length penalties, KL-in-reward, per-token returns) is OpenRLHF's own code. PPO's `gae` runs
+   upstream unchanged. Either way the batch diagnostics (share of all-wrong / all-correct / mixed
+   groups, advantage mass per kind, accuracy) ride in the experiences' info into the step metrics.
 2. Loss (inside PolicyModelActor): OpenRLHF's PolicyLoss already clips with separate
    eps_low/eps_high; `PolicyLossWithClipBounds` also measures the share of tokens clipped at each
-   bound (SPEC §3), and `ActorPPOTrainer.training_step` reports it.
-3. Trainer (inside PPOTrainer): `RunLogger` (OpenRLHF's TensorboardLogger plus metrics.jsonl and a
-   progress line per step), and a clean stop after `max_steps` (the sample generator reports the
-   loader exhausted, so OpenRLHF saves and exits normally).
+   bound (docs/ALGORITHM.md §3), and `ActorPPOTrainer.training_step` reports it.
+3. Sampling (inside PPOTrainer): `SamplesGenerator._generate_vllm` keeps or drops each group by the
+   correctness of its responses (docs/ALGORITHM.md §4) instead of OpenRLHF's range on the mean
+   reward, stops the run on non-finite rewards or a filter that drops every group; and
+   `generate_samples` stops cleanly after `max_steps` training steps.
+4. Logging (inside PPOTrainer): `RunLogger` (OpenRLHF's TensorboardLogger plus metrics.jsonl,
+   eval_metrics.jsonl and a progress line per step).
 
 Only plain classes are patched. A @ray.remote class (PPOTrainer, PolicyModelActor) is shipped to
 the workers with its own copies of every inherited method, taken when the class is decorated, so
 a patch on its base classes never reaches the actor; the plain objects it builds and calls
 (experience maker, ActorPPOTrainer, loggers, sample generator) are imported by reference.
+Every upstream name used here is listed in openrlhf_patch/upstream.py.
 """
 import functools
 import itertools
 import json
 import os
+import sys
 import time
 
 import torch
 
 from openrlhf_patch import algorithms
-from openrlhf_patch.config import PatchConfig
-
-PATCHED_ESTIMATORS = ("ngrpo", "w_reinforce", "psr", "nsr")
+from openrlhf_patch.config import active
 
 
-def _config() -> PatchConfig:
-    return PatchConfig.from_env() or PatchConfig()
+class RewardError(RuntimeError):
+    """The reward function returned something training cannot use (NaN, inf, nothing)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,25 +60,21 @@ def _first_action_value(tensor, action_mask):
     return tensor.gather(1, first.unsqueeze(1)).squeeze(1)
 
 
-def _ngrpo_advantages(self, experiences, cfg):
+def _core_advantages(self, experiences, cfg):
+    """OpenRLHF's compute_advantages_and_returns with ngrpo's group step in place of its own."""
     from openrlhf.models.utils import compute_reward
     from openrlhf.trainer.ppo_utils.length_penalty import apply_length_penalties
 
     args = self.strategy.args
+    group_size = args.rollout.n_samples_per_prompt
     for e in experiences:
         e.rewards = e.rewards.to(torch.promote_types(e.rewards.dtype, torch.float32))
     apply_length_penalties(experiences, args)
     rewards, indices, exp_len = _in_prompt_order(experiences, [e.rewards for e in experiences])
-    advantages = algorithms.group_advantages(
-        rewards,
-        args.rollout.n_samples_per_prompt,
-        cfg.estimator,
-        virtual_samples=cfg.virtual_samples,
-        max_reward=cfg.max_reward,
-        eps=cfg.adv_eps,
-        w_reinforce_lambda=cfg.w_reinforce_lambda,
-    )
-    for e, adv in zip(experiences, advantages[indices].split(exp_len)):
+    advantages = algorithms.group_advantages(rewards, group_size, cfg.estimator, **cfg.estimator_options)
+    # OpenRLHF logs the spread of rewards within groups for its own group estimators; so do we.
+    group_std = rewards.view(-1, group_size).std(dim=1, keepdim=True).expand(-1, group_size).reshape(-1)
+    for e, adv, std in zip(experiences, advantages[indices].split(exp_len), group_std[indices].split(exp_len)):
         # The scalar advantage takes the place of the outcome reward; KL-in-reward (if any) and
         # the per-token cumulative return are OpenRLHF's own (gamma = 1 for outcome rewards).
         token_reward = compute_reward(adv, self.kl_ctl.value, e.kl, action_mask=e.action_mask,
@@ -83,8 +82,35 @@ def _ngrpo_advantages(self, experiences, cfg):
         e.returns = self.get_cumulative_returns(token_reward, e.action_mask, 1.0)
         e.advantages = e.returns.clone()
         e.info["return"] = token_reward.sum(dim=-1)
+        e.info["group_reward_std"] = std
         e.kl = None
     return experiences
+
+
+def _keep_trained_samples(experiences, keep, micro_batch_size):
+    """Only the samples KEEP marks (prompt order), re-batched into micro-batches: PSR and NSR
+    train on one class of responses, as the authors run them. A step with none of that class
+    keeps one sample with its advantage zeroed, so OpenRLHF still has a batch to step on."""
+    from openrlhf.trainer.ppo_utils.experience import make_experience_batch, split_experience_batch
+
+    items = []
+    for e in experiences:
+        flags = keep[torch.as_tensor(e.index)].tolist()
+        for item, flag in zip(split_experience_batch(e), flags):
+            if flag:
+                items.append(item)
+    if not items:
+        item = split_experience_batch(experiences[0])[0]
+        item.advantages = torch.zeros_like(item.advantages)
+        item.returns = torch.zeros_like(item.returns)
+        items = [item]
+    batches = [make_experience_batch(items[i:i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)]
+    for b in batches:
+        b.index = None
+        # make_experience_batch leaves per-sample info tensors as a list; OpenRLHF wants tensors.
+        b.info = {k: torch.stack(v) if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v
+                  for k, v in b.info.items()}
+    return batches
 
 
 def wrap_compute_advantages(upstream):
@@ -94,12 +120,12 @@ def wrap_compute_advantages(upstream):
     @functools.wraps(upstream)
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences):
-        cfg = _config()
+        cfg = active()
         group_size = self.strategy.args.rollout.n_samples_per_prompt
         raw_rewards, _, _ = _in_prompt_order(experiences, [e.rewards.float() for e in experiences])
         started = time.perf_counter()
-        if cfg.estimator in PATCHED_ESTIMATORS:
-            experiences = _ngrpo_advantages(self, experiences, cfg)
+        if cfg.estimator is not None:
+            experiences = _core_advantages(self, experiences, cfg)
         else:
             experiences = upstream(self, experiences)
         elapsed = time.perf_counter() - started
@@ -108,12 +134,18 @@ def wrap_compute_advantages(upstream):
         )
         diagnostics = algorithms.batch_diagnostics(raw_rewards, group_size, per_sample_adv, max_reward=cfg.max_reward)
         diagnostics["advantage_time_s"] = elapsed
+        keep = None
+        if cfg.estimator is not None and algorithms.ESTIMATORS[cfg.estimator].trains_on != "all":
+            keep = algorithms.trained_mask(raw_rewards, cfg.estimator, cfg.max_reward)
+            diagnostics["trained_frac"] = keep.double().mean().item()
         for e in experiences:
             # Per-sample copies of batch-level numbers: OpenRLHF averages "info" entries over
             # samples, which gives the number back in the step's metrics.
             n = len(e.index)
             for key, value in diagnostics.items():
                 e.info[f"ngrpo/{key}"] = torch.full((n,), float(value))
+        if keep is not None:
+            experiences = _keep_trained_samples(experiences, keep, self.strategy.args.rollout.micro_batch_size)
         return experiences
 
     compute_advantages_and_returns._ngrpo = True
@@ -134,13 +166,14 @@ def make_policy_loss_class(upstream_cls):
 
         def forward(self, log_probs, old_log_probs, advantages, action_mask=None, *args, **kwargs):
             out = super().forward(log_probs, old_log_probs, advantages, action_mask, *args, **kwargs)
-            if self.policy_loss_type == "ppo" and action_mask is not None:
-                with torch.no_grad():
-                    _, stats = algorithms.policy_loss(
+            if self.policy_loss_type == "ppo":
+                try:
+                    self.last_clip_fractions = algorithms.clip_fractions(
                         log_probs.detach(), old_log_probs.detach(), advantages.detach(), action_mask,
-                        eps_low=self.clip_eps_low, eps_high=self.clip_eps_high,
-                    )
-                self.last_clip_fractions = {k: stats[k] for k in ("clip_frac_low", "clip_frac_high")}
+                        self.clip_eps_low, self.clip_eps_high)
+                except Exception as err:  # noqa: BLE001 - a logging measure must never stop training
+                    self.last_clip_fractions = {}
+                    print(f"[ngrpo] warning: clip fractions not measured: {err}", file=sys.stderr, flush=True)
             return out
 
     return PolicyLossWithClipBounds
@@ -163,7 +196,128 @@ def wrap_training_step(upstream):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Trainer: per-step log, progress line, max steps
+# 3. Sampling: the group filter, reward checks, max steps
+# ---------------------------------------------------------------------------------------------
+def _response_rewards(experiences, cfg) -> torch.Tensor:
+    """The rewards of one prompt's responses; RewardError when one is missing or not finite."""
+    values = []
+    for e in experiences:
+        if e.rewards is None:
+            from pipelines.reward import recorded_error
+
+            # OpenRLHF logs a reward function's exception at INFO level and goes on without a
+            # reward; ngrpo's reward file recorded the user's traceback for this message.
+            raise RewardError(recorded_error(cfg.run_dir) or
+                              f"the reward function ({cfg.reward_file}) returned no reward for a response of "
+                              f"prompt {e.prompts[0][:200]!r}; its error is in the run's log")
+        values.append(float(e.rewards.flatten()[0]))
+    rewards = torch.tensor(values, dtype=torch.float64)
+    bad = ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        raise RewardError(f"the reward function ({cfg.reward_file}) returned {values[int(bad.nonzero()[0])]} for a "
+                          f"response of prompt {experiences[0].prompts[0][:200]!r} (label {experiences[0].labels[0]!r}); "
+                          "rewards must be finite numbers")
+    return rewards
+
+
+def make_generate_vllm():
+    """OpenRLHF 0.11.2's SamplesGenerator._generate_vllm with ngrpo's group filter.
+
+    Upstream drops a group when its mean score leaves a range, which separates all-correct from
+    mixed groups only for rewards in {0, R_max}; with partial credit "drop all-correct" would
+    also drop groups that are not all correct. Here a group is kept or dropped by the
+    correctness of its responses (reward >= R_max), every reward is checked, and a filter that
+    drops `max_consecutive_dropped_groups` groups in a row stops the run with the counts
+    instead of burning through the data set."""
+    import ray
+    from openrlhf.trainer.ppo_utils.samples_generator import _collect_prompt_batch
+    from tqdm import tqdm
+
+    def _generate_vllm(self, dataloader_iter, num_prompts: int, dynamic_filtering, **generate_kwargs):
+        cfg = active()
+        prompts, labels, images, exhausted = _collect_prompt_batch(dataloader_iter, num_prompts)
+        if not prompts:
+            return [], 0, True
+        prompts_consumed = len(prompts)
+        pending = self._dispatch_prompts_to_vllm(prompts, labels, images=images, **generate_kwargs)
+        accepted, dropped_in_a_row, dropped = [], 0, 0
+        filtering = dynamic_filtering and cfg.group_filter != "none"
+        pbar = tqdm(range(len(prompts)), desc="Generate samples", file=sys.stderr)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=10.0)
+            for ref in ready:
+                experiences = [self._process_response_into_experience(r, **generate_kwargs) for r in ray.get(ref)]
+                rewards = _response_rewards(experiences, cfg)
+                if filtering:
+                    keep = bool(algorithms.group_keep_mask(rewards, len(rewards), cfg.group_filter,
+                                                           max_reward=cfg.max_reward)[0])
+                    if not keep:
+                        dropped, dropped_in_a_row = dropped + 1, dropped_in_a_row + 1
+                        if dropped_in_a_row >= cfg.max_consecutive_dropped_groups:
+                            raise RewardError(
+                                f"the group filter {cfg.group_filter!r} dropped {dropped_in_a_row} groups in a row "
+                                f"({dropped} of {prompts_consumed} prompts this step; rewards of the last group: "
+                                f"{rewards.tolist()}): the reward never gives the groups it keeps. Check the reward "
+                                f"({cfg.reward_file}) and --max-reward, or use --group-filter none")
+                        new_prompts, new_labels, new_images, exhausted = _collect_prompt_batch(dataloader_iter, 1)
+                        prompts_consumed += len(new_prompts)
+                        if new_prompts:
+                            pending.extend(self._dispatch_prompts_to_vllm(new_prompts, new_labels, images=new_images,
+                                                                          **generate_kwargs))
+                        continue
+                dropped_in_a_row = 0
+                accepted.extend(experiences)
+                pbar.set_postfix({"prompts_consumed": prompts_consumed})
+                pbar.update()
+        pbar.close()
+        return accepted, prompts_consumed, exhausted
+
+    _generate_vllm._ngrpo = True
+    return _generate_vllm
+
+
+def _write_progress(cfg, completed_steps: int) -> None:
+    """RUN_DIR/progress.json: the training steps completed so far (independent of how often the
+    logger runs), read by the driver's progress bar and for the manifest."""
+    if cfg.run_dir:
+        path = os.path.join(cfg.run_dir, "progress.json")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"completed_steps": completed_steps, "time": time.time()}, f)
+        os.replace(tmp, path)
+
+
+def wrap_generate_samples(upstream):
+    if getattr(upstream, "_ngrpo", False):
+        return upstream
+
+    @functools.wraps(upstream)
+    def generate_samples(self, *args, **kwargs):
+        cfg = active()
+        # OpenRLHF trains on a batch before it asks for the next, so batches handed out so far
+        # are the steps completed.
+        handed_out = getattr(self, "_ngrpo_batches", 0)
+        completed = cfg.start_step + handed_out
+        _write_progress(cfg, completed)
+        # Reporting the loader exhausted ends OpenRLHF's fit loop the normal way (final save
+        # included) without generating a batch that would never be trained on.
+        if cfg.max_steps is not None and completed >= cfg.max_steps:
+            return [], None, 0, True
+        if cfg.max_steps is not None and completed + 1 == cfg.max_steps:
+            # The trainer reads save_steps at every step (in this process it is the same args
+            # object): the last step of a --max-steps run always checkpoints, so it can continue.
+            self.args.ckpt.save_steps = 1
+        samples, pass_rate, consumed, exhausted = upstream(self, *args, **kwargs)
+        if samples:
+            self._ngrpo_batches = handed_out + 1
+        return samples, pass_rate, consumed, exhausted
+
+    generate_samples._ngrpo = True
+    return generate_samples
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Logging: per-step log and progress line
 # ---------------------------------------------------------------------------------------------
 def _scalar_items(status):
     for key, value in status.items():
@@ -187,6 +341,11 @@ def progress_line(step, metrics) -> str:
     )
 
 
+def _append_jsonl(run_dir, name, step, metrics) -> None:
+    with open(os.path.join(run_dir, name), "a") as f:
+        f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+
+
 def make_run_logger_class(upstream_cls):
     """OpenRLHF's TensorboardLogger, also writing RUN_DIR/metrics.jsonl and a progress line."""
     if getattr(upstream_cls, "_ngrpo", False):
@@ -197,44 +356,18 @@ def make_run_logger_class(upstream_cls):
 
         def __init__(self, args):
             super().__init__(args)
-            self.run_dir = _config().run_dir
+            self.run_dir = active().run_dir
 
         def log_train(self, global_step, logs_dict):
-            _progress["global_step"] = global_step
             super().log_train(global_step, logs_dict)
             metrics = dict(_scalar_items(logs_dict))
             if self.run_dir:
-                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": global_step, "time": time.time(), **metrics}) + "\n")
+                _append_jsonl(self.run_dir, "metrics.jsonl", global_step, metrics)
             print(progress_line(global_step, metrics), flush=True)
 
         def log_eval(self, global_step, logs_dict):
             super().log_eval(global_step, logs_dict)
             if self.run_dir:
-                metrics = dict(_scalar_items(logs_dict))
-                with open(os.path.join(self.run_dir, "eval_metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": global_step, "time": time.time(), **metrics}) + "\n")
+                _append_jsonl(self.run_dir, "eval_metrics.jsonl", global_step, dict(_scalar_items(logs_dict)))
 
     return RunLogger
-
-
-# The trainer's latest finished step in this process (PPOTrainer runs one fit at a time).
-_progress = {}
-
-
-def wrap_generate_samples(upstream):
-    if getattr(upstream, "_ngrpo", False):
-        return upstream
-
-    @functools.wraps(upstream)
-    def generate_samples(self, *args, **kwargs):
-        cfg = _config()
-        step = _progress.get("global_step", cfg.start_step)
-        # Reporting the loader exhausted ends OpenRLHF's fit loop the normal way (final save
-        # included) without generating a batch that would never be trained on.
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            return [], None, 0, True
-        return upstream(self, *args, **kwargs)
-
-    generate_samples._ngrpo = True
-    return generate_samples

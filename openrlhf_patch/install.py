@@ -10,6 +10,7 @@ PolicyModelActor, so a driver-only patch would never take effect.
 import os
 import sys
 
+from openrlhf_patch import config as patch_config
 from openrlhf_patch.config import PatchConfig
 
 # Versions whose internals (method names, signatures) the hooks were written and tested against.
@@ -44,23 +45,29 @@ def check_openrlhf_version(version=None) -> str:
 
 
 def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
-    """Patch OpenRLHF in this process. Returns the active config; a second call is a no-op."""
-    config = config or PatchConfig.from_env() or PatchConfig()
+    """Patch OpenRLHF in this process with CONFIG (else the one in the environment). Returns the
+    active config; a second call is a no-op."""
     if _state["applied"] is not None:
         return _state["applied"]
+    config = config or PatchConfig.from_env()
+    if config is None:
+        raise RuntimeError(f"openrlhf_patch.install.apply() needs the run's PatchConfig (or {patch_config.ENV_VAR} set)")
     check_openrlhf_version()
-    from openrlhf_patch import cpu_mode
+    from openrlhf_patch import cpu_mode, upstream
 
     # First: OpenRLHF imports flash_attn at module level (the stub goes in only where it is missing).
     cpu_mode.ensure_flash_attn_importable()
     if config.device == "cpu":
         cpu_mode.apply_cpu_patches()
 
+    upstream.check()
     from openrlhf.trainer import ppo_trainer
     from openrlhf.trainer.ppo_utils import experience_maker, samples_generator
     from openrlhf.trainer.ray import ppo_actor
 
     from openrlhf_patch import hooks
+
+    patch_config.activate(config)
 
     maker = experience_maker.RemoteExperienceMaker
     maker.compute_advantages_and_returns = hooks.wrap_compute_advantages(maker.compute_advantages_and_returns)
@@ -71,15 +78,27 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
     ppo_trainer.TensorboardLogger = hooks.make_run_logger_class(ppo_trainer.TensorboardLogger)
     generator = samples_generator.SamplesGenerator
     generator.generate_samples = hooks.wrap_generate_samples(generator.generate_samples)
+    if not getattr(generator._generate_vllm, "_ngrpo", False):
+        generator._generate_vllm = hooks.make_generate_vllm()
 
     _state["applied"] = config
     print(
-        f"[ngrpo] patch active in {role} pid {os.getpid()}: estimator={config.estimator or 'openrlhf'} "
-        f"K={config.virtual_samples} R_max={config.max_reward} device={config.device}",
+        f"[ngrpo] patch active in {role} pid {os.getpid()}{_node()}: estimator={config.estimator or 'openrlhf'} "
+        f"options={config.estimator_options} group_filter={config.group_filter} device={config.device}",
         file=sys.stderr,
         flush=True,
     )
     return config
+
+
+def _node() -> str:
+    """' on node ID' inside a Ray worker (which node of a cluster the patch runs on), else ''."""
+    try:
+        import ray
+
+        return f" on node {ray.get_runtime_context().get_node_id()}" if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - a log detail only
+        return ""
 
 
 def worker_setup() -> None:

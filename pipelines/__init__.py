@@ -1,1 +1,1 @@
-"""The stages of an ngrpo run: data prep, training, checkpoint export, evaluation."""
+"""The stages of an ngrpo run: models, data, training, evaluation, export, reports, studies."""

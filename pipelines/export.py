@@ -21,15 +21,17 @@ engine as ``actor.model``), so the names are already the HF model's own (``model
 and then checks that every parameter of the HF model is there.
 
 Pickle. DeepSpeed's files are torch pickles and ``zero_to_fp32`` loads them with
-``weights_only=False``. ngrpo instead swaps the loader ``zero_to_fp32`` uses for
-``torch.load(weights_only=True)`` with the few DeepSpeed classes the files hold allow-listed
-(``torch.serialization.safe_globals``; found and tested with torch 2.13 / DeepSpeed 0.19.8, ZeRO 0-3):
+``weights_only=False``. ngrpo runs every load of a DeepSpeed checkpoint under
+``weights_only_loading``: torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` (read at each call) makes
+every ``torch.load`` weights-only, and ``torch.serialization.safe_globals`` allow-lists the few
+DeepSpeed classes the files hold (found and tested with torch 2.13 / DeepSpeed 0.19.8, ZeRO 0-3):
 ``LossScaler``/``DynamicLossScaler`` (the loss scaler's state), ``ZeroStageEnum`` (the stage),
 ``fragment_address`` (the parameter -> flat-buffer slices). Nothing else is unpickled: config,
 tokenizer and generation config are JSON, HF weights are read only from safetensors. A file that
 needs a class outside that list is refused, unless the user passes ``allow_unsafe_pickle``
 (``--allow-unsafe-pickle``), and then only the DeepSpeed checkpoint the user named is loaded
-with ``weights_only=False``.
+with ``weights_only=False``. The ZeRO stage is the one the checkpoint records (its DeepSpeed
+config, or its optimizer partition's ``zero_stage``).
 """
 import contextlib
 import dataclasses
@@ -44,7 +46,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-MANIFEST = "ngrpo_run.json"
+from pipelines import rundir
+from pipelines.models import is_hub_id
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TAG_RE = re.compile(r"^global_step(\d+)$")
 OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -65,7 +69,6 @@ class Source:
     step: Optional[int] = None        # the training step of the weights, when known
     run_dir: Optional[Path] = None    # the ngrpo run the source belongs to, if any
     manifest: Optional[dict] = None
-    file_stage: Optional[int] = None  # deepspeed: the ZeRO stage its file names say (0, 2 for 1-2, or 3)
 
     @property
     def tag_dir(self) -> Optional[Path]:
@@ -92,24 +95,11 @@ class ExportResult:
 # ---------------------------------------------------------------------------------------------
 # Finding the source
 # ---------------------------------------------------------------------------------------------
-def find_run_dir(path: Path, levels: int = 3) -> Optional[Path]:
-    """The run directory PATH belongs to: PATH itself, or the run whose final_model/ or checkpoints/
-    (or a folder in it) PATH is."""
-    if (path / MANIFEST).is_file():
-        return path
-    for candidate in list(path.parents)[:levels]:
-        if (candidate / MANIFEST).is_file():
-            first = path.relative_to(candidate).parts[0]
-            return candidate if first in ("final_model", "checkpoints") else None
-    return None
-
-
 def _read_manifest(run_dir: Path) -> dict:
-    path = run_dir / MANIFEST
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{path} is not a readable run manifest: {err}")
+        return rundir.read_manifest(run_dir)
+    except rundir.RunDirError as err:
+        raise ExportError(str(err)) from None
 
 
 def _tags(ckpt_dir: Path) -> List[str]:
@@ -136,10 +126,10 @@ def resolve_source(source, step: Optional[int] = None, final: bool = False) -> S
                           "or a Hugging Face model folder")
     if final and step is not None:
         raise ExportError("--final and --step exclude each other (final_model/ has no step choice)")
-    run_dir = find_run_dir(path)
+    run_dir = rundir.find_run_dir(path)
     manifest = _read_manifest(run_dir) if run_dir else None
 
-    if (path / MANIFEST).is_file():
+    if rundir.is_run_dir(path):
         if final:
             hf = path / "final_model"
             if not hf.is_dir():
@@ -152,7 +142,7 @@ def resolve_source(source, step: Optional[int] = None, final: bool = False) -> S
                               "final_model/)")
         return _deepspeed_source(ckpt, step, run_dir, manifest)
     if final:
-        raise ExportError(f"--final needs a run directory; {path} has no {MANIFEST}")
+        raise ExportError(f"--final needs a run directory; {path} has no {rundir.MANIFEST}")
     if _is_tag_folder(path):
         if step is not None and path.name != f"global_step{step}":
             raise ExportError(f"{path} is the checkpoint {path.name}; --step {step} names another one")
@@ -170,7 +160,7 @@ def resolve_source(source, step: Optional[int] = None, final: bool = False) -> S
         if run_dir is not None and path == run_dir / "final_model":
             step = manifest.get("global_step")
         return Source("hf", path, step=step, run_dir=run_dir, manifest=manifest)
-    raise ExportError(f"{path} is neither an ngrpo run directory (no {MANIFEST}), a DeepSpeed checkpoint folder "
+    raise ExportError(f"{path} is neither an ngrpo run directory (no {rundir.MANIFEST}), a DeepSpeed checkpoint folder "
                       "(no `latest` file, no global_stepN folders, no *_model_states.pt) nor a Hugging Face model "
                       "folder (no config.json)")
 
@@ -198,66 +188,66 @@ def _deepspeed_source(ckpt_dir: Path, step, run_dir, manifest, tag: Optional[str
         if not (ckpt_dir / tag).is_dir():
             raise ExportError(f"{latest} names {tag!r} but {ckpt_dir / tag} does not exist "
                               f"(checkpoints there: {listing})")
-    source = Source("deepspeed", ckpt_dir, tag=tag, step=_step_from_name(tag), run_dir=run_dir, manifest=manifest)
-    source.file_stage = check_deepspeed_files(source)
-    return source
+    return Source("deepspeed", ckpt_dir, tag=tag, step=_step_from_name(tag), run_dir=run_dir, manifest=manifest)
 
 
-def check_deepspeed_files(source: Source) -> int:
-    """Check that the tag folder has the files DeepSpeed's consolidation reads; returns the ZeRO stage
-    the files say (0 when everything is in mp_rank_00_model_states.pt, 3, or 2 for stages 1-2).
-    Raises ExportError naming the missing or empty file."""
+def _model_states_files(tag_dir: Path) -> List[Path]:
+    return sorted(tag_dir.glob("*_model_states.pt"))
+
+
+def _optim_files(tag_dir: Path) -> List[Path]:
+    return sorted(p for p in tag_dir.glob("*_optim_states.pt") if OPTIM_RE.match(p.name))
+
+
+def checkpoint_zero_stage(source: Source, allow_unsafe_pickle: bool = False) -> int:
+    """The ZeRO stage the checkpoint records itself: its model states file's DeepSpeed config, or,
+    when no model states file is left, the stage its optimizer partition says it was saved with."""
     tag_dir = source.tag_dir
-    optim = sorted(p for p in tag_dir.glob("*_optim_states.pt") if OPTIM_RE.match(p.name))
-    models = sorted(tag_dir.glob("*_model_states.pt"))
-    zero3_models = [p for p in models if p.name.startswith("zero_pp_rank_")]
-    plain_model = tag_dir / "mp_rank_00_model_states.pt"
-    if not optim:
-        if plain_model.is_file() and not zero3_models:
-            _check_not_empty(plain_model)
-            return 0  # no ZeRO partitions: module and optimizer are both in the model states file
-        if not models:
-            raise ExportError(f"{plain_model} is missing: {tag_dir} holds no DeepSpeed model states file "
-                              "and no *_optim_states.pt file")
-        raise ExportError(f"{tag_dir / 'bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt'} is missing: {tag_dir} has "
-                          "no *_optim_states.pt file, which holds the fp32 master weights DeepSpeed consolidates")
-    ranks = sorted({int(OPTIM_RE.match(p.name).group(1)) for p in optim})
-    if ranks != list(range(len(ranks))):
-        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
-        prefix = "bf16_" if optim[0].name.startswith("bf16_") else ""
-        raise ExportError(f"{tag_dir / f'{prefix}zero_pp_rank_{missing[0]}_mp_rank_00_optim_states.pt'} is missing "
-                          f"(optimizer partitions present: ranks {ranks})")
-    if zero3_models:
-        stage = 3
-    elif plain_model.is_file():
-        stage = 2
-    else:
-        hinted = ((source.manifest or {}).get("recipe") or {}).get("zero_stage")
-        stage = hinted if hinted is not None else _peek_zero_stage(optim[0])
+    models, optims = _model_states_files(tag_dir), _optim_files(tag_dir)
+    if not models and not optims:
+        raise ExportError(f"{tag_dir / 'mp_rank_00_model_states.pt'} is missing: {tag_dir} holds no DeepSpeed model "
+                          "states file and no *_optim_states.pt file")
+    record = models[0] if models else optims[0]
+    _check_not_empty(record)
+    state = safe_torch_load(record, mmap=True, allow_unsafe_pickle=allow_unsafe_pickle)
+    try:
+        if models:
+            return int(state["ds_config"]["zero_optimization"]["stage"])
+        return int(state["optimizer_state_dict"]["zero_stage"])
+    except (KeyError, TypeError, ValueError):
+        raise ExportError(f"{record} does not record the checkpoint's ZeRO stage (no ds_config.zero_optimization.stage "
+                          "or optimizer_state_dict.zero_stage): not an OpenRLHF/DeepSpeed checkpoint?") from None
+
+
+def check_deepspeed_files(source: Source, stage: int) -> None:
+    """Every file DeepSpeed's consolidation of a ZeRO-STAGE checkpoint reads is there and not empty;
+    ExportError names the first that is not."""
+    tag_dir = source.tag_dir
+    optims = _optim_files(tag_dir)
+    prefix = "bf16_" if not optims or optims[0].name.startswith("bf16_") else ""
+    needed = []
+    if stage >= 1:
+        ranks = sorted(int(OPTIM_RE.match(p.name).group(1)) for p in optims)
+        world = max(ranks, default=0) + 1
+        for r in range(world):
+            needed.append((tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                           "which holds the fp32 master weights DeepSpeed consolidates"))
     if stage == 3:
-        expected = [tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in ranks]
+        needed += [(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+                    f"DeepSpeed's model states file (parameter names and shapes) of the ZeRO-3 checkpoint {tag_dir}")
+                   for r in range(max(len(optims), 1))]
     else:
-        expected = [plain_model]
-    for path in expected:
+        needed.insert(0, (tag_dir / "mp_rank_00_model_states.pt",
+                          f"DeepSpeed's model states file (parameter names and shapes) of the ZeRO-{stage} checkpoint"))
+    for path, what in needed:
         if not path.is_file():
-            raise ExportError(f"{path} is missing: DeepSpeed's model states file (parameter names and shapes) "
-                              f"of the ZeRO-{stage} checkpoint {tag_dir}")
-    for path in expected + optim:
+            raise ExportError(f"{path} is missing: {what}")
         _check_not_empty(path)
-    return 3 if stage == 3 else 2
 
 
 def _check_not_empty(path: Path) -> None:
     if path.stat().st_size == 0:
         raise ExportError(f"{path} is empty (an interrupted save?)")
-
-
-def _peek_zero_stage(optim_file: Path) -> int:
-    try:
-        state = safe_torch_load(optim_file, mmap=True)
-        return int(state["optimizer_state_dict"].get("zero_stage", 0))
-    except Exception:
-        return 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,88 +262,76 @@ def deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_torch_load(path, map_location="cpu", mmap: bool = False, allow_unsafe_pickle: bool = False, **_ignored):
-    """torch.load(PATH, weights_only=True) with DeepSpeed's classes allow-listed.
+@contextlib.contextmanager
+def weights_only_loading(allow_unsafe_pickle: bool = False):
+    """Every torch.load in the block runs with weights_only=True and DeepSpeed's classes
+    allow-listed, whatever its caller asks for (zero_to_fp32 asks for weights_only=False): torch
+    reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each call. ALLOW_UNSAFE_PICKLE leaves loading as is."""
+    import torch
 
-    Errors name the file: ExportError for a truncated/corrupt file, and for a file that needs a
-    class outside the allow-list (unless ALLOW_UNSAFE_PICKLE: then weights_only=False)."""
+    if allow_unsafe_pickle:
+        yield
+        return
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+
+
+def safe_torch_load(path, map_location="cpu", mmap: bool = False, allow_unsafe_pickle: bool = False):
+    """torch.load(PATH) under weights_only_loading; errors name the file: corrupt or truncated, or
+    a class outside the allow-list (unless ALLOW_UNSAFE_PICKLE)."""
     import torch
 
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+        with weights_only_loading(allow_unsafe_pickle):
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=not allow_unsafe_pickle)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "Unsupported global" not in text and "weights_only" not in text.lower():
             raise ExportError(f"{path} is corrupt or truncated: {_first_line(text)}")
-        if not allow_unsafe_pickle:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-            what = f"the class {found.group(1)}" if found else "an object"
-            raise ExportError(f"{path}: refused to unpickle {what}, which is outside ngrpo's allow-list for "
-                              "torch.load(weights_only=True). If you made this checkpoint yourself, pass "
-                              "--allow-unsafe-pickle to load it with weights_only=False (which can run code "
-                              "stored in the file).")
-    except ExportError:
-        raise
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f"the class {found.group(1)}" if found else "an object"
+        raise ExportError(f"{path}: refused to unpickle {what}, which is outside ngrpo's allow-list for "
+                          "torch.load(weights_only=True). If you made this checkpoint yourself, pass "
+                          "--allow-unsafe-pickle to load it with weights_only=False (which can run code "
+                          "stored in the file).") from None
     except Exception as err:  # zip reader errors (truncated file), EOF, OSError
-        raise ExportError(f"{path} is corrupt or truncated: {type(err).__name__}: {_first_line(str(err))}")
-    try:
-        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
-    except Exception as err:
-        raise ExportError(f"{path} is corrupt or truncated: {type(err).__name__}: {_first_line(str(err))}")
+        raise ExportError(f"{path} is corrupt or truncated: {type(err).__name__}: {_first_line(str(err))}") from None
 
 
 def _first_line(text: str) -> str:
     return (text.strip().splitlines() or [""])[0][:300]
 
 
-class _TorchWithSafeLoad:
-    """Stands in for the `torch` module inside deepspeed.utils.zero_to_fp32: all of torch, but its
-    `load` is safe_torch_load (the module's own calls pass weights_only=False)."""
-
-    def __init__(self, load: Callable):
-        import torch
-
-        self._torch = torch
-        self.load = load
-
-    def __getattr__(self, name):
-        return getattr(self._torch, name)
-
-
-@contextlib.contextmanager
-def _zero_to_fp32_safe_loading(allow_unsafe_pickle: bool):
-    from deepspeed.utils import zero_to_fp32
-
-    def load(f, map_location=None, mmap=False, weights_only=None, **kwargs):
-        return safe_torch_load(f, map_location="cpu", mmap=mmap, allow_unsafe_pickle=allow_unsafe_pickle)
-
-    saved = zero_to_fp32.torch
-    zero_to_fp32.torch = _TorchWithSafeLoad(load)
-    try:
-        yield zero_to_fp32
-    finally:
-        zero_to_fp32.torch = saved
-
-
 def load_deepspeed_fp32_state_dict(source: Source, allow_unsafe_pickle: bool = False, log=None,
                                    lazy: bool = True) -> dict:
-    """The consolidated fp32 weights of a ZeRO 1-3 checkpoint, by DeepSpeed's zero_to_fp32.
+    """The consolidated fp32 weights of a ZeRO 1-3 checkpoint, by DeepSpeed's zero_to_fp32, every
+    file loaded with weights_only=True (weights_only_loading). When DeepSpeed fails, each file is
+    loaded once more on its own, so that the error names the file that is wrong.
 
     LAZY (default): zero_to_fp32's lazy mode; ZeRO-3 values are GatheredTensors that assemble a
     parameter on .contiguous() from the (memory-mapped) partitions; ZeRO-1/2 values are views."""
+    from deepspeed.utils import zero_to_fp32
+
     log = log or (lambda msg: None)
     log(f"consolidating {source.tag_dir} with deepspeed.utils.zero_to_fp32 (torch.load weights_only=True)")
-    with _zero_to_fp32_safe_loading(allow_unsafe_pickle) as zero_to_fp32, contextlib.redirect_stdout(sys.stderr):
-        try:
+    try:
+        with weights_only_loading(allow_unsafe_pickle), contextlib.redirect_stdout(sys.stderr):
             state_dict = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(source.path), tag=source.tag,
                                                                                 lazy_mode=lazy)
-        except ExportError:
-            raise
-        except (KeyError, ValueError, FileNotFoundError, RuntimeError, AssertionError, IndexError) as err:
-            raise ExportError(f"{source.tag_dir}: DeepSpeed could not consolidate this checkpoint: "
-                              f"{type(err).__name__}: {_first_line(str(err))}")
+    except Exception as err:  # noqa: BLE001 - find the file, else report DeepSpeed's words
+        for path in _model_states_files(source.tag_dir) + _optim_files(source.tag_dir):
+            safe_torch_load(path, mmap=True, allow_unsafe_pickle=allow_unsafe_pickle)
+        raise ExportError(f"{source.tag_dir}: DeepSpeed could not consolidate this checkpoint: "
+                          f"{type(err).__name__}: {_first_line(str(err))}") from None
     return dict(state_dict)
 
 
@@ -416,19 +394,18 @@ def _short(names, n=6):
 # ---------------------------------------------------------------------------------------------
 # Config, tokenizer, dtype
 # ---------------------------------------------------------------------------------------------
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.match(r"^[\w.-]+/[\w.-]+$", name)) and not Path(name).expanduser().exists()
-
-
 def resolve_base_model(source: Source, base_model: Optional[str] = None) -> (str, str):
     """Where config, tokenizer and generation config come from: (path or hub id, why)."""
     if base_model:
         local = Path(base_model).expanduser()
-        if local.exists():
-            if not (local / "config.json").is_file():
-                raise ExportError(f"{local / 'config.json'} is missing: --base-model must be a Hugging Face model folder")
-            return str(local.resolve()), "--base-model"
-        return base_model, "--base-model"
+        if local.is_dir() and not (local / "config.json").is_file() and not list(local.glob("*.gguf")):
+            raise ExportError(f"{local / 'config.json'} is missing: --base-model must be a Hugging Face model folder")
+        from pipelines.models import ModelError, resolve_model
+
+        try:  # a folder, a GGUF file, a built-in model or a Hub id
+            return resolve_model(base_model, allow_run_dir=False, require_tokenizer=False).path, "--base-model"
+        except ModelError as err:
+            raise ExportError(str(err)) from None
     if source.kind == "hf" and source.run_dir is None:
         return str(source.path), "the checkpoint itself"
     if source.manifest and source.manifest.get("model"):
@@ -436,11 +413,11 @@ def resolve_base_model(source: Source, base_model: Optional[str] = None) -> (str
         local = Path(model).expanduser()
         if local.is_dir():
             if not (local / "config.json").is_file():
-                raise ExportError(f"{local / 'config.json'} is missing: the run's base model folder ({MANIFEST} "
+                raise ExportError(f"{local / 'config.json'} is missing: the run's base model folder ({rundir.MANIFEST} "
                                   "\"model\") has no config; pass --base-model PATH")
-            return str(local.resolve()), f"the run's base model ({MANIFEST})"
-        if _looks_like_hub_id(model) and _hub_config_available(model):
-            return model, f"the run's base model ({MANIFEST})"
+            return str(local.resolve()), f"the run's base model ({rundir.MANIFEST})"
+        if is_hub_id(model) and _hub_config_available(model):
+            return model, f"the run's base model ({rundir.MANIFEST})"
     final = source.run_dir / "final_model" if source.run_dir else None
     if final is not None and (final / "config.json").is_file():
         return str(final), "the run's final_model/ (its base model is not available here)"
@@ -616,7 +593,7 @@ def model_card(result: ExportResult, recipe_source: Optional[dict] = None, eval_
     algo = manifest.get("algo", "unknown")
     recipe = manifest.get("recipe") or {}
     front = ["---", "library_name: transformers", "tags:", "- ngrpo", "- reinforcement-learning", "- openrlhf"]
-    if _looks_like_hub_id(result.base_model):
+    if is_hub_id(result.base_model):
         front.insert(2, f"base_model: {result.base_model}")
     front.append("---")
     title = result.out_dir.name
@@ -705,6 +682,46 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _load_weights(src: Source, config, torch_dtype, allow_unsafe_pickle: bool, log):
+    """(model holding SRC's weights in TORCH_DTYPE, ZeRO stage or None, key prefix removed)."""
+    if src.kind == "hf":
+        return _model_from_hf_folder(src.path, config, torch_dtype), None, ""
+    stage = checkpoint_zero_stage(src, allow_unsafe_pickle)
+    check_deepspeed_files(src, stage)
+    if stage == 0:
+        state_dict = load_deepspeed_module_state_dict(src, allow_unsafe_pickle=allow_unsafe_pickle, log=log)
+    else:
+        state_dict = load_deepspeed_fp32_state_dict(src, allow_unsafe_pickle=allow_unsafe_pickle, log=log)
+    model, prefix = _model_from_state_dict(config, state_dict, torch_dtype)
+    return model, stage, prefix
+
+
+def _write_folder(tmp: Path, model, tokenizer, result: ExportResult, tokenizer_from: str, base: str,
+                  max_shard_size) -> None:
+    """Weights, tokenizer, model card and provenance of RESULT into the folder TMP."""
+    src = result.source
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    except ValueError as err:
+        raise ExportError(f"cannot write the weights (--max-shard-size {max_shard_size!r}?): {_first_line(str(err))}")
+    tokenizer.save_pretrained(tmp)
+    result.weight_files = sorted(p.name for p in tmp.glob("*.safetensors"))
+    eval_summary = None
+    if src.run_dir:
+        from pipelines.report import read_eval_summary
+
+        eval_summary = read_eval_summary(src.run_dir)
+    (tmp / _CARD).write_text(model_card(result, eval_summary=eval_summary))
+    (tmp / _PROVENANCE).write_text(json.dumps({
+        "source": str(src.tag_dir or src.path), "kind": src.kind, "step": src.step, "zero_stage": result.zero_stage,
+        "run_dir": str(src.run_dir) if src.run_dir else None, "algo": (src.manifest or {}).get("algo"),
+        "config_from": base, "tokenizer_from": tokenizer_from, "dtype": result.dtype,
+        "key_prefix_removed": result.key_prefix_removed, "weight_files": result.weight_files,
+        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }, indent=2) + "\n")
+    _usual_permissions(tmp)
+
+
 def export_hf(source, out_dir, *, step: Optional[int] = None, final: bool = False, base_model: Optional[str] = None,
               dtype: Optional[str] = None, max_shard_size="5GB", force: bool = False,
               allow_unsafe_pickle: bool = False, log: Optional[Callable[[str], None]] = None) -> ExportResult:
@@ -721,87 +738,31 @@ def export_hf(source, out_dir, *, step: Optional[int] = None, final: bool = Fals
     base, why = resolve_base_model(src, base_model)
     log(f"source: {src.describe()}; config and tokenizer from {base} ({why})")
     config = _load_config(base)
-    if src.run_dir and base == str(src.run_dir / "final_model"):
+    if src.run_dir and base == str(src.run_dir / rundir.FINAL_MODEL):
         config.use_cache = True  # OpenRLHF turns the KV cache off for training in the config it saves
     dtype_name = DTYPES.get(dtype, dtype) or config_dtype_name(config)
     torch_dtype = getattr(torch, dtype_name)
-
-    zero_stage, prefix = None, ""
-    if src.kind == "deepspeed":
-        zero_stage = _checkpoint_zero_stage(src, allow_unsafe_pickle)
-        if zero_stage and src.file_stage == 0:
-            bf16 = ((_ds_config(src) or {}).get("bf16") or {}).get("enabled")
-            prefix = "bf16_" if bf16 else ""
-            raise ExportError(f"{src.tag_dir / f'{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt'} is missing: the "
-                              f"ZeRO-{zero_stage} checkpoint has no *_optim_states.pt file, which holds the fp32 master "
-                              "weights DeepSpeed consolidates")
-        if zero_stage == 0:
-            state_dict = load_deepspeed_module_state_dict(src, allow_unsafe_pickle=allow_unsafe_pickle, log=log)
-        else:
-            state_dict = load_deepspeed_fp32_state_dict(src, allow_unsafe_pickle=allow_unsafe_pickle, log=log)
-        model, prefix = _model_from_state_dict(config, state_dict, torch_dtype)
-        del state_dict
-    else:
-        model = _model_from_hf_folder(src.path, config, torch_dtype)
+    model, zero_stage, prefix = _load_weights(src, config, torch_dtype, allow_unsafe_pickle, log)
     model.config.dtype = torch_dtype
     model.generation_config = _generation_config(base, config)
     tokenizer, tokenizer_from = _load_tokenizer([base] + ([str(src.path)] if src.kind == "hf" else []))
 
-    num_parameters = sum(p.numel() for p in model.parameters())
+    result = ExportResult(out_dir=out_dir, source=src, dtype=dtype_name, weight_files=[],
+                          num_parameters=sum(p.numel() for p in model.parameters()),
+                          base_model=_display_base(src, base), zero_stage=zero_stage, key_prefix_removed=prefix)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        try:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        except ValueError as err:
-            raise ExportError(f"cannot write the weights (--max-shard-size {max_shard_size!r}?): {_first_line(str(err))}")
-        tokenizer.save_pretrained(tmp)
-        weight_files = sorted(p.name for p in tmp.glob("*.safetensors"))
-        result = ExportResult(out_dir=out_dir, source=src, dtype=dtype_name, weight_files=weight_files,
-                              num_parameters=num_parameters, base_model=_display_base(src, base),
-                              zero_stage=zero_stage, key_prefix_removed=prefix)
-        eval_summary = None
-        if src.run_dir:
-            from pipelines.report import read_eval_summary
-
-            eval_summary = read_eval_summary(src.run_dir)
-        (tmp / _CARD).write_text(model_card(result, eval_summary=eval_summary))
-        (tmp / _PROVENANCE).write_text(json.dumps({
-            "source": str(src.tag_dir or src.path), "kind": src.kind, "step": src.step, "zero_stage": zero_stage,
-            "run_dir": str(src.run_dir) if src.run_dir else None, "algo": (src.manifest or {}).get("algo"),
-            "config_from": base, "tokenizer_from": tokenizer_from, "dtype": dtype_name,
-            "key_prefix_removed": prefix, "weight_files": weight_files,
-            "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        }, indent=2) + "\n")
-        _usual_permissions(tmp)
+        _write_folder(tmp, model, tokenizer, result, tokenizer_from, base, max_shard_size)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {out_dir} ({len(weight_files)} weight file(s), {dtype_name})")
+    log(f"wrote {out_dir} ({len(result.weight_files)} weight file(s), {dtype_name})")
     return result
 
 
 def _display_base(src: Source, base: str) -> str:
     """The base model as the card names it: the manifest's model when there is one."""
-    if src.manifest and src.manifest.get("model"):
-        return str(src.manifest["model"])
-    return base
-
-
-def _ds_config(src: Source, allow_unsafe_pickle: bool = False) -> Optional[dict]:
-    """The DeepSpeed config saved in the checkpoint's (first) model states file."""
-    model_files = sorted(src.tag_dir.glob("*_model_states.pt"))
-    state = safe_torch_load(model_files[0], allow_unsafe_pickle=allow_unsafe_pickle, mmap=True)
-    config = state.get("ds_config") if isinstance(state, dict) else None
-    return config if isinstance(config, dict) else None
-
-
-def _checkpoint_zero_stage(src: Source, allow_unsafe_pickle: bool) -> Optional[int]:
-    """The ZeRO stage the checkpoint was written with: its model states file's ds_config, else what
-    its file names say."""
-    config = _ds_config(src, allow_unsafe_pickle)
-    try:
-        return int(config["zero_optimization"]["stage"])
-    except (TypeError, KeyError, ValueError):
-        return src.file_stage
+    manifest = src.manifest or {}
+    return str(manifest.get("model_spec") or manifest.get("model") or base)

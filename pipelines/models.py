@@ -167,6 +167,9 @@ def convert_gguf(gguf_file, log=lambda msg: None) -> Path:
     del loaded
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the cache is not
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

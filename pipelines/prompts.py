@@ -1,4 +1,4 @@
-"""The chat prompt of the NGRPO paper (SPEC §5), shared by training and evaluation.
+"""The chat prompt of the NGRPO paper (docs/ALGORITHM.md §5), shared by training and evaluation.
 
 It is written out literally rather than produced by a tokenizer's chat template, so that a
 model whose template differs (or that has none) still sees exactly the paper's prompt.

@@ -1,62 +1,144 @@
-"""Training recipes: SPEC §5 (the NGRPO paper's settings) for every algorithm, as data.
+"""Training recipes: the NGRPO paper's settings (docs/ALGORITHM.md §5) for every algorithm, typed.
 
-A recipe is a flat set of named settings; `ngrpo train` turns it into OpenRLHF flags
-(pipelines/training.py). Every field can be overridden by a CLI flag or a YAML `--config`.
+A `Recipe` is a flat dataclass; each field carries its type, default and help (as TRL's
+GRPOConfig does). `ngrpo train` makes one flag per field (ngrpo_cli/train_cmd.py) and
+pipelines/training.py turns a recipe into OpenRLHF flags. Precedence, later wins:
+the paper's shared settings < preset < algorithm < YAML --config < flags.
 """
-from typing import Optional
+import dataclasses
+from typing import Optional, Tuple
 
-ALGOS = ("ngrpo", "grpo", "dapo", "w_reinforce", "psr", "nsr", "ppo", "dr_grpo", "rloo")
+from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS, GROUP_FILTERS
 
-# name: (default, help). The help text is what `ngrpo train --help` shows for the flag.
-FIELDS = {
-    # -- advantage estimation
-    "estimator": (None, "Advantage estimator: ngrpo|w_reinforce|psr|nsr (ngrpo's core, patched into OpenRLHF) or an OpenRLHF one (group_norm = GRPO, dr_grpo, rloo, gae = PPO)."),
-    "virtual_samples": (1, "NGRPO: K virtual samples of reward R_max appended to each group before mean/std (NGRPO paper §3, K=1)."),
-    "max_reward": (1.0, "NGRPO: R_max, the largest reward the task can give (not the batch maximum)."),
-    "w_reinforce_lambda": (0.1, "W-REINFORCE: weight of correct samples, +lambda vs -1 for wrong ones (Zhu et al. 2025, arXiv 2506.01347)."),
-    "gamma": (1.0, "GAE discount (PPO only)."),
-    "gae_lambda": (1.0, "GAE lambda (PPO only)."),
+# OpenRLHF's own estimators that ngrpo's core does not compute (PPO's GAE with a critic).
+UPSTREAM_ESTIMATORS = ("gae",)
+ESTIMATOR_CHOICES = tuple(ESTIMATORS) + UPSTREAM_ESTIMATORS
+
+
+class RecipeError(ValueError):
+    """A recipe setting out of range; the message names the flag and what to change."""
+
+
+def setting(default, help_text: str, choices: Optional[tuple] = None):
+    return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
+
+
+def _option(name: str):
+    default, help_text = ESTIMATOR_OPTIONS[name]
+    return setting(default, help_text)
+
+
+@dataclasses.dataclass
+class Recipe:
+    # -- advantage estimation (the estimators and their options come from openrlhf_patch.algorithms)
+    estimator: str = setting("grpo", "Advantage estimator. " + " ".join(
+        f"{e.name}: {e.summary.rstrip('.')}." for e in ESTIMATORS.values()) + " gae: PPO's GAE with a critic "
+        "(OpenRLHF's own).", ESTIMATOR_CHOICES)
+    virtual_samples: int = _option("virtual_samples")
+    max_reward: float = _option("max_reward")
+    adv_eps: float = _option("adv_eps")
+    w_reinforce_lambda: float = _option("w_reinforce_lambda")
+    gamma: float = setting(1.0, "GAE discount (PPO only).")
+    gae_lambda: float = setting(1.0, "GAE lambda (PPO only).")
     # -- policy loss
-    "eps_clip_low": (0.2, "Lower clip range: ratio >= 1-eps_low for A<0 (NGRPO 0.16; SPEC §3)."),
-    "eps_clip_high": (0.2, "Upper clip range: ratio <= 1+eps_high for A>0 (NGRPO 0.24, DAPO clip-higher 0.28)."),
-    "loss_agg": ("token-mean", "Loss aggregation: token-mean (DAPO token-level loss) or seq-mean-token-mean."),
-    "entropy_coef": (0.001, "Entropy bonus coefficient (0 logs entropy only)."),
-    "kl_mode": ("none", "KL regularisation: none, loss (GRPO's KL loss term) or reward (PPO's KL penalty in the reward)."),
-    "kl_coef": (0.0, "KL coefficient (GRPO 0.001 as loss, PPO 0.001 in reward)."),
-    "kl_estimator": ("k1", "KL estimator: k1, k2 or k3 (GRPO uses k3)."),
+    eps_clip_low: float = setting(0.2, "Lower clip range, in (0, 1): ratio >= 1 - eps_low binds for A < 0 "
+                                       "(docs/ALGORITHM.md §3).")
+    eps_clip_high: float = setting(0.2, "Upper clip range, in (0, 1): ratio <= 1 + eps_high binds for A > 0 "
+                                        "(DAPO's clip-higher raises it).")
+    loss_agg: str = setting("token-mean", "Loss aggregation: token-mean (DAPO's token-level loss) or "
+                                          "seq-mean-token-mean.", ("token-mean", "seq-mean-token-mean"))
+    entropy_coef: float = setting(0.001, "Entropy bonus coefficient (0 logs the entropy only).")
+    kl_mode: str = setting("none", "KL regularisation: none, loss (GRPO's KL loss term) or reward (PPO's "
+                                   "penalty in the reward).", ("none", "loss", "reward"))
+    kl_coef: float = setting(0.0, "KL coefficient.")
+    kl_estimator: str = setting("k1", "KL estimator (GRPO uses k3).", ("k1", "k2", "k3"))
     # -- sampling and filtering
-    "group_filter": ("none", "Group filter: none, drop_all_correct (NGRPO), drop_all_correct_and_all_wrong (DAPO dynamic sampling). Filtered prompts are replaced until the batch is full."),
-    "overlong_buffer": (None, "DAPO overlong reward shaping: soft penalty over the last N tokens of the response budget (DAPO: 1024)."),
-    "prompts_per_step": (1024, "Prompts per rollout / training step."),
-    "samples_per_prompt": (8, "Responses sampled per prompt (the group size G)."),
-    "mini_batch_prompts": (256, "Prompts per PPO mini-batch (one optimizer step); 1024/256 = 4 optimizer steps per rollout."),
-    "ppo_epochs": (1, "Passes over each rollout."),
-    "episodes": (20, "Passes over the training prompts."),
-    "temperature": (1.0, "Rollout sampling temperature."),
-    "top_p": (1.0, "Rollout nucleus sampling top_p."),
-    "max_prompt_len": (1024, "Longest prompt in tokens."),
-    "max_response_len": (3072, "Longest response in tokens."),
+    group_filter: str = setting("none", "Group filter, by the correctness of the responses: none, "
+                                        "drop_all_correct (NGRPO), drop_all_correct_and_all_wrong (DAPO's dynamic "
+                                        "sampling), drop_all_wrong. Dropped prompts are replaced until the batch "
+                                        "is full.", GROUP_FILTERS)
+    overlong_buffer: Optional[int] = setting(None, "DAPO's overlong reward shaping: a soft penalty over the last N "
+                                                   "tokens of the response budget.")
+    prompts_per_step: int = setting(1024, "Prompts per rollout (one training step).")
+    samples_per_prompt: int = setting(8, "Responses sampled per prompt (the group size G).")
+    mini_batch_prompts: int = setting(256, "Prompts per optimizer step; prompts_per_step / mini_batch_prompts "
+                                           "optimizer steps per rollout (paper: 4).")
+    ppo_epochs: int = setting(1, "Passes over each rollout.")
+    episodes: int = setting(20, "Passes over the training prompts.")
+    temperature: float = setting(1.0, "Rollout sampling temperature.")
+    top_p: float = setting(1.0, "Rollout nucleus sampling top_p.")
+    max_prompt_len: int = setting(1024, "Longest prompt in tokens.")
+    max_response_len: int = setting(3072, "Longest response in tokens.")
+    answer_extraction: str = setting("boxed", "How the reward finds the final answer: boxed (the last \\boxed{}, "
+                                              "docs/ALGORITHM.md §6) or authors (the NGRPO authors' reward: last "
+                                              "boxed, else the text after 'the answer is', else the last number).",
+                                     ("boxed", "authors"))
     # -- optimisation
-    "lr": (1e-6, "Actor learning rate (constant)."),
-    "critic_lr": (1e-5, "Critic learning rate (PPO only)."),
-    "lr_warmup_ratio": (0.0, "Share of steps of linear warm-up."),
-    "weight_decay": (0.01, "AdamW weight decay."),
-    "max_grad_norm": (1.0, "Gradient clipping norm."),
-    "micro_train_batch_size": (4, "Samples per forward/backward micro-batch on each GPU."),
-    "micro_rollout_batch_size": (8, "Samples per micro-batch when computing log-probs for experiences."),
-    "zero_stage": (2, "DeepSpeed ZeRO stage (0-3)."),
-    "seed": (42, "Random seed (data order, sampling)."),
-    # -- reward
-    "answer_extraction": ("boxed", "How the reward finds a response's final answer: boxed (the last \\boxed{}, SPEC §6) or authors (the NGRPO authors' reward: last boxed, else the text after 'the answer is', else the last number)."),
-}
+    lr: float = setting(1e-6, "Actor learning rate (constant after the warm-up).")
+    lr_warmup_ratio: float = setting(0.0, "Share of steps of linear learning-rate warm-up.")
+    weight_decay: float = setting(0.01, "AdamW weight decay of the actor.")
+    adam_betas: Tuple[float, float] = setting((0.9, 0.999), "AdamW betas of the actor and critic (the authors'; "
+                                                            "OpenRLHF's default is 0.9 0.95).")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    critic_lr: float = setting(1e-5, "Critic learning rate, constant, no warm-up (PPO only).")
+    critic_weight_decay: float = setting(0.01, "AdamW weight decay of the critic (PPO only).")
+    # -- memory and speed knobs (they do not change the algorithm)
+    micro_train_batch_size: int = setting(4, "Samples per forward/backward micro-batch on each GPU.")
+    micro_rollout_batch_size: int = setting(8, "Samples per micro-batch when computing log-probs for experiences.")
+    zero_stage: int = setting(2, "DeepSpeed ZeRO stage.", (0, 1, 2, 3))
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass (less memory).")
+    packing: bool = setting(False, "Pack samples into one sequence without padding (needs flash-attn on GPU).")
+    max_tokens_per_gpu: Optional[int] = setting(None, "Dynamic batching: micro-batches of at most this many tokens "
+                                                      "per GPU instead of a fixed sample count (needs packing).")
+    seed: int = setting(42, "Random seed (data order, sampling).")
 
-PAPER = {name: default for name, (default, _) in FIELDS.items()}
+    @classmethod
+    def flag(cls, name: str) -> str:
+        return "--" + name.replace("_", "-")
 
-# SPEC §5 table: what each algorithm changes from the shared settings.
+    def validate(self) -> "Recipe":
+        """RecipeError naming the first flag out of range."""
+        def fail(name, why):
+            raise RecipeError(f"{self.flag(name)} {getattr(self, name)!r}: {why}")
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                fail(f.name, f"choose one of {', '.join(map(str, choices))}")
+        for name in ("eps_clip_low", "eps_clip_high"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                fail(name, "must be in (0, 1): the clipped ratio range is [1 - eps_low, 1 + eps_high]")
+        for name in ("prompts_per_step", "samples_per_prompt", "mini_batch_prompts", "ppo_epochs", "episodes",
+                     "max_prompt_len", "max_response_len", "micro_train_batch_size", "micro_rollout_batch_size"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        for name in ("lr", "critic_lr", "temperature", "max_grad_norm", "adv_eps"):
+            if not getattr(self, name) > 0:
+                fail(name, "must be > 0")
+        for name in ("entropy_coef", "kl_coef", "weight_decay", "critic_weight_decay", "virtual_samples"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", "must be in (0, 1]")
+        if not 0.0 <= self.lr_warmup_ratio < 1.0:
+            fail("lr_warmup_ratio", "must be in [0, 1)")
+        if self.estimator in ESTIMATORS and self.samples_per_prompt < 2:
+            fail("samples_per_prompt", f"the {self.estimator} estimator works on groups of responses to the same "
+                                       "prompt: use at least 2 (the paper uses 8)")
+        if self.prompts_per_step % self.mini_batch_prompts:
+            fail("mini_batch_prompts", f"must divide --prompts-per-step {self.prompts_per_step}")
+        if self.max_tokens_per_gpu is not None and self.max_tokens_per_gpu < self.max_prompt_len + self.max_response_len:
+            fail("max_tokens_per_gpu", f"must hold one whole sequence (>= {self.max_prompt_len + self.max_response_len})")
+        return self
+
+
+SETTINGS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+# docs/ALGORITHM.md §5: what each algorithm changes from the shared settings.
 ALGO_SETTINGS = {
     "ngrpo": dict(estimator="ngrpo", eps_clip_low=0.16, eps_clip_high=0.24, group_filter="drop_all_correct"),
-    "grpo": dict(estimator="group_norm", kl_mode="loss", kl_coef=0.001, kl_estimator="k3"),
-    "dapo": dict(estimator="group_norm", eps_clip_high=0.28, group_filter="drop_all_correct_and_all_wrong",
+    "grpo": dict(estimator="grpo", kl_mode="loss", kl_coef=0.001, kl_estimator="k3"),
+    "dapo": dict(estimator="grpo", eps_clip_high=0.28, group_filter="drop_all_correct_and_all_wrong",
                  overlong_buffer=1024),
     "w_reinforce": dict(estimator="w_reinforce"),
     "psr": dict(estimator="psr"),
@@ -65,6 +147,7 @@ ALGO_SETTINGS = {
     "dr_grpo": dict(estimator="dr_grpo"),
     "rloo": dict(estimator="rloo"),
 }
+ALGOS = tuple(ALGO_SETTINGS)
 
 # Small enough for a 2-core CPU and a tiny model: a few seconds of generation per step.
 CPU_TINY = dict(
@@ -74,19 +157,24 @@ CPU_TINY = dict(
 PRESETS = {"paper": {}, "cpu-tiny": CPU_TINY}
 
 
-def build_recipe(algo: str, preset: str = "paper", overrides: Optional[dict] = None) -> dict:
-    """Shared settings < preset < algorithm < user overrides (later wins)."""
+def build_recipe(algo: str, preset: str = "paper", overrides: Optional[dict] = None) -> Recipe:
+    """Shared settings < preset < algorithm < OVERRIDES (None values are ignored), validated."""
     if algo not in ALGO_SETTINGS:
-        raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
+        raise RecipeError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    recipe = dict(PAPER)
-    recipe.update(PRESETS[preset])
-    recipe.update(ALGO_SETTINGS[algo])
+        raise RecipeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **ALGO_SETTINGS[algo]}
     for key, value in (overrides or {}).items():
-        if key not in FIELDS:
-            raise ValueError(f"unknown recipe setting {key!r}; valid settings: {', '.join(FIELDS)}")
+        if key not in SETTINGS:
+            raise RecipeError(f"unknown recipe setting {key!r}; valid settings: {', '.join(SETTINGS)}")
         if value is not None:
-            recipe[key] = value
-    recipe["algo"] = algo
-    return recipe
+            values[key] = value
+    if isinstance(values.get("adam_betas"), list):
+        values["adam_betas"] = tuple(values["adam_betas"])
+    return Recipe(**values).validate()
+
+
+def algo_defaults(name: str) -> dict:
+    """{algorithm: its default} for a setting whose default differs between algorithms (for --help)."""
+    base = Recipe()
+    return {algo: s[name] for algo, s in ALGO_SETTINGS.items() if name in s and s[name] != getattr(base, name)}

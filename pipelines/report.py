@@ -17,10 +17,9 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-MANIFEST = "ngrpo_run.json"
-METRICS = "metrics.jsonl"
-EVAL_METRICS = "eval_metrics.jsonl"
-EVAL_SUMMARY = Path("eval") / "summary.json"
+from pipelines import rundir
+
+EVAL_SUMMARY = Path(rundir.EVAL_DIR) / "summary.json"
 
 
 class ReportError(Exception):
@@ -99,33 +98,6 @@ def _number(value) -> Optional[float]:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def read_jsonl(path: Path, required: bool = True) -> List[dict]:
-    """The rows of a JSON-lines log, sorted by step (the last row wins for a repeated step). A final
-    line cut off mid-write (no newline) is ignored; any other bad line is an error naming it."""
-    if not path.exists():
-        if required:
-            raise ReportError(f"{path} is missing: the run has not logged a training step")
-        return []
-    text = path.read_text()
-    lines = text.split("\n")
-    rows = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if number == len(lines) and not text.endswith("\n"):
-                continue  # being written right now
-            raise ReportError(f"{path} line {number} is not valid JSON: {line[:80]!r}")
-        if not isinstance(row, dict) or "step" not in row:
-            raise ReportError(f"{path} line {number} has no \"step\": {line[:80]!r}")
-        rows[row["step"]] = row
-    if required and not rows:
-        raise ReportError(f"{path} is empty: the run has not logged a training step")
-    return [rows[s] for s in sorted(rows)]
 
 
 def read_eval_summary(run_dir) -> Optional[Dict[str, Dict[str, float]]]:
@@ -226,20 +198,26 @@ class RunData:
         return last - first if first is not None and last is not None else None
 
 
-def load_run(run_dir) -> RunData:
+def load_run(run_dir, log=lambda msg: None) -> RunData:
+    """A run's manifest and logs (rundir's readers: a damaged line is skipped and reported by LOG)."""
     path = Path(run_dir).expanduser().resolve()
     if not path.is_dir():
         raise ReportError(f"{path} is not a run directory (not a folder)")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise ReportError(f"{path} is not an ngrpo run directory: {manifest_path} is missing")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError as err:
-        raise ReportError(f"{manifest_path} is not valid JSON: {err}")
-    rows = read_jsonl(path / METRICS)
-    return RunData(path=path, name=path.name, manifest=manifest, rows=rows,
-                   eval_rows=read_jsonl(path / EVAL_METRICS, required=False), eval_summary=read_eval_summary(path))
+        manifest = rundir.read_manifest(path)
+    except rundir.RunDirError as err:
+        raise ReportError(str(err)) from None
+    metrics_path = path / rundir.METRICS
+    if not metrics_path.exists():
+        raise ReportError(f"{metrics_path} is missing: the run has not logged a training step")
+    logs = {name: rundir.read_step_log(path / name) for name in (rundir.METRICS, rundir.EVAL_METRICS)}
+    for name, read in logs.items():
+        if read.bad_lines:
+            log(f"warning: {read.describe_bad(path / name)}")
+    if not logs[rundir.METRICS].rows:
+        raise ReportError(f"{metrics_path} is empty: the run has not logged a training step")
+    return RunData(path=path, name=path.name, manifest=manifest, rows=logs[rundir.METRICS].rows,
+                   eval_rows=logs[rundir.EVAL_METRICS].rows, eval_summary=read_eval_summary(path))
 
 
 def _label_runs(runs: List[RunData]) -> None:
@@ -301,7 +279,7 @@ def _differing_settings(runs: List[RunData]) -> List[Tuple[str, List]]:
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
-def _new_figure(n_panels: int, title: str):
+def new_figure(n_panels: int, title: str):
     from matplotlib.figure import Figure as MplFigure
 
     cols = min(n_panels, 3)
@@ -333,7 +311,7 @@ def _draw_line(ax, steps, values, color, label, smooth):
         ax.plot(steps, values, color=color, label=label, marker=marker, markersize=3, linewidth=1.6)
 
 
-def _finish_axes(ax, title, ylabel, xlabel="step"):
+def finish_axes(ax, title, ylabel, xlabel="step"):
     from matplotlib.ticker import MaxNLocator
 
     ax.set_title(title, fontsize=10)
@@ -347,7 +325,7 @@ def _finish_axes(ax, title, ylabel, xlabel="step"):
     return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
-def _colors(n):
+def palette(n):
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
@@ -356,7 +334,7 @@ def _colors(n):
 
 def draw_figures(runs: List[RunData], out_dir: Path, smooth: int = 1) -> Dict[str, dict]:
     """Write the PNGs; returns {figure name: {"file", "title", "panels": [{"title", "series", "legend"}]}}."""
-    colors = _colors(len(runs))
+    colors = palette(len(runs))
     drawn = {}
     for spec in FIGURES:
         panels = []
@@ -367,16 +345,16 @@ def draw_figures(runs: List[RunData], out_dir: Path, smooth: int = 1) -> Dict[st
                 panels.append((panel, series))
         if not panels:
             continue
-        fig, axes = _new_figure(len(panels), spec.title)
+        fig, axes = new_figure(len(panels), spec.title)
         meta = []
         for ax, (panel, series) in zip(axes, panels):
             for run, color, (key, steps, values) in series:
                 _draw_line(ax, steps, values, color, run.label, smooth)
-            legend = _finish_axes(ax, panel.title, panel.ylabel)
+            legend = finish_axes(ax, panel.title, panel.ylabel)
             meta.append({"title": panel.title, "legend": legend,
                          "series": {run.label: {"key": key, "steps": steps, "values": values}
                                     for run, _, (key, steps, values) in series}})
-        drawn[spec.name] = _save(fig, out_dir, spec.name, spec.title, meta)
+        drawn[spec.name] = save_figure(fig, out_dir, spec.name, spec.title, meta)
 
     # Evaluation during training (eval_metrics.jsonl): pass@1 per dataset over steps.
     per_bench = {}
@@ -384,16 +362,16 @@ def draw_figures(runs: List[RunData], out_dir: Path, smooth: int = 1) -> Dict[st
         for bench, (steps, values) in run.eval_series().items():
             per_bench.setdefault(bench, []).append((run, color, steps, values))
     if per_bench:
-        fig, axes = _new_figure(len(per_bench), "Evaluation pass@1 during training")
+        fig, axes = new_figure(len(per_bench), "Evaluation pass@1 during training")
         meta = []
         for ax, (bench, series) in zip(axes, per_bench.items()):
             for run, color, steps, values in series:
                 _draw_line(ax, steps, values, color, run.label, 1)
-            legend = _finish_axes(ax, bench, "pass@1")
+            legend = finish_axes(ax, bench, "pass@1")
             meta.append({"title": bench, "legend": legend,
                          "series": {run.label: {"key": f"eval_{bench}_pass1", "steps": steps, "values": values}
                                     for run, _, steps, values in series}})
-        drawn["eval_pass1"] = _save(fig, out_dir, "eval_pass1", "Evaluation pass@1 during training", meta)
+        drawn["eval_pass1"] = save_figure(fig, out_dir, "eval_pass1", "Evaluation pass@1 during training", meta)
 
     # Final evaluation (eval/summary.json): grouped bars, one group per benchmark.
     benches = []
@@ -402,7 +380,7 @@ def draw_figures(runs: List[RunData], out_dir: Path, smooth: int = 1) -> Dict[st
             if pass1_metric(scores) and bench not in benches:
                 benches.append(bench)
     if benches:
-        fig, (ax,) = _new_figure(1, "Evaluation (ngrpo eval)")
+        fig, (ax,) = new_figure(1, "Evaluation (ngrpo eval)")
         with_eval = [(run, color) for run, color in zip(runs, colors) if run.eval_summary]
         width = 0.8 / max(len(with_eval), 1)
         series = {}
@@ -418,13 +396,13 @@ def draw_figures(runs: List[RunData], out_dir: Path, smooth: int = 1) -> Dict[st
             series[run.label] = {"benchmarks": [b for b in benches if pass1_metric(run.eval_summary.get(b) or {})],
                                  "values": ys}
         ax.set_xticks(range(len(benches)), benches, rotation=20)
-        legend = _finish_axes(ax, "pass@1 (avg@n where there is no pass@1)", "pass@1", xlabel="benchmark")
-        drawn["eval_summary"] = _save(fig, out_dir, "eval_summary", "Evaluation (ngrpo eval)",
+        legend = finish_axes(ax, "pass@1 (avg@n where there is no pass@1)", "pass@1", xlabel="benchmark")
+        drawn["eval_summary"] = save_figure(fig, out_dir, "eval_summary", "Evaluation (ngrpo eval)",
                                       [{"title": "pass@1", "legend": legend, "series": series}])
     return drawn
 
 
-def _save(fig, out_dir: Path, name: str, title: str, panels: list) -> dict:
+def save_figure(fig, out_dir: Path, name: str, title: str, panels: list) -> dict:
     file = f"{name}.png"
     fig.savefig(out_dir / file, dpi=110)
     return {"file": file, "title": title, "panels": panels}
@@ -433,7 +411,7 @@ def _save(fig, out_dir: Path, name: str, title: str, panels: list) -> dict:
 # ---------------------------------------------------------------------------------------------
 # report.md
 # ---------------------------------------------------------------------------------------------
-def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+def markdown_table(header: List[str], rows: List[List[str]]) -> List[str]:
     esc = lambda cell: str(cell).replace("|", "\\|")
     return ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)] + \
         ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
@@ -459,14 +437,14 @@ def write_markdown(runs: List[RunData], summaries: List[dict], figures: Dict[str
     lines = ["# Training report", "",
              f"{len(runs)} run(s), generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} by `ngrpo report`.",
              "", "## Runs", ""]
-    lines += _table(["Run", "Algorithm", "Preset", "Base model", "Status", "Steps", "Wall time", "Path"],
+    lines += markdown_table(["Run", "Algorithm", "Preset", "Base model", "Status", "Steps", "Wall time", "Path"],
                     [[s["label"], s["algo"], s["preset"] or "–", f"`{s['model']}`" if s["model"] else "–",
                       s["status"] or "–", str(s["steps"]), fmt_duration(s["wall_time_s"]), f"`{s['path']}`"]
                      for s in summaries])
     lines += ["", "## Metrics", "",
               "Final = the value at the last logged step; best = the highest (reward, accuracy) or lowest "
               "(all-wrong share) value over the run. Numbers from `metrics.jsonl`, 6 significant digits.", ""]
-    lines += _table(*metrics_table(summaries))
+    lines += markdown_table(*metrics_table(summaries))
 
     evals = [s for s in summaries if s["eval"]]
     if evals:
@@ -474,13 +452,13 @@ def write_markdown(runs: List[RunData], summaries: List[dict], figures: Dict[str
         for s in evals:
             benches += [b for b in s["eval"] if b not in benches]
         lines += ["", "## Evaluation", "", "pass@1 from `ngrpo eval` (`eval/summary.json`; avg@n where no pass@1).", ""]
-        lines += _table(["Run"] + benches, [[s["label"]] + [fmt(s["eval"][b]["value"]) if b in s["eval"] else "–"
+        lines += markdown_table(["Run"] + benches, [[s["label"]] + [fmt(s["eval"][b]["value"]) if b in s["eval"] else "–"
                                                            for b in benches] for s in evals])
 
     settings = _differing_settings(runs)
     if settings:
         lines += ["", "## Settings" + (" that differ" if len(runs) > 1 else ""), ""]
-        lines += _table(["Setting"] + [s["label"] for s in summaries],
+        lines += markdown_table(["Setting"] + [s["label"] for s in summaries],
                         [[name] + ["–" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
                                    for v in values] for name, values in settings])
 
@@ -496,13 +474,13 @@ def write_markdown(runs: List[RunData], summaries: List[dict], figures: Dict[str
     return path
 
 
-def build_report(run_dirs: Sequence, out_dir, smooth: int = 1) -> dict:
+def build_report(run_dirs: Sequence, out_dir, smooth: int = 1, log=lambda msg: None) -> dict:
     """Read RUN_DIRS, write the PNGs, report.md and report.json into OUT_DIR; returns report.json's data."""
     if not run_dirs:
         raise ReportError("no run directory given")
     if smooth < 1:
         raise ReportError("--smooth must be at least 1")
-    runs = [load_run(d) for d in run_dirs]
+    runs = [load_run(d, log) for d in run_dirs]
     seen = set()
     for run in runs:
         if run.path in seen:

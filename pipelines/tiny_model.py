@@ -1,7 +1,7 @@
 """A small random-weight Qwen2 causal LM with a Qwen-style tokenizer, for tests and CPU demos.
 
 The tokenizer is a byte-level BPE trained on the fly with the `tokenizers` library (so any text
-round-trips and nothing is downloaded); the chat template and special tokens follow Qwen2.5, so
+round-trips and nothing is downloaded), with numbers split into digits as in Qwen's; the chat template and special tokens follow Qwen2.5, so
 the same prompt code serves the tiny model and Qwen2.5-Math-7B. vLLM's CPU attention needs
 head_dim >= 32, hence 2 heads of 64 on a hidden size of 128.
 """
@@ -48,7 +48,10 @@ def build_tokenizer(vocab_size: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Numbers split into single digits, as Qwen's tokenizer does: arithmetic then means learning
+    # digit-wise rules that carry over to unseen questions, not a table of whole-number tokens.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

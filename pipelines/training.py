@@ -2,17 +2,10 @@
 
 There is no second trainer: the run is OpenRLHF's own launcher (`openrlhf.cli.train_ppo_ray`, its
 parser and `train()`), started after `ray.init` so that every Ray worker runs ngrpo's patch hook.
-
-A run directory holds everything about one run:
-    ngrpo_run.json      manifest: model, algorithm, resolved recipe, OpenRLHF argv, patch config, status
-    data/train.jsonl    the training prompts, with the full chat prompt the model sees, and answers
-    checkpoints/        DeepSpeed checkpoints (OpenRLHF's ckpt.path; `_actor/global_stepN`)
-    final_model/        the trained policy as a Hugging Face folder (OpenRLHF's ckpt.output_dir)
-    metrics.jsonl       one JSON line of metrics per training step (OpenRLHF's + NGRPO diagnostics)
+The run directory's layout and files are pipelines/rundir.py's.
 """
 import contextlib
 import dataclasses
-import json
 import os
 import runpy
 import shlex
@@ -21,13 +14,20 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS
 from openrlhf_patch.config import PatchConfig
-from openrlhf_patch.hooks import PATCHED_ESTIMATORS
+from pipelines import rundir
 from pipelines.prompts import build_prompt
+from pipelines.recipes import Recipe
 
-MANIFEST = "ngrpo_run.json"
 OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
 DEFAULT_REWARD_FILE = str(Path(__file__).with_name("reward.py"))
+# OpenRLHF loads its reward file by path inside the rollout actors, which may sit on any node of a
+# cluster. So it gets a path relative to the Ray working_dir ngrpo ships with every launch
+# (RUN_DIR/ray_code/), holding this shim onto pipelines.reward and a copy of a user's reward file.
+REWARD_ENTRY = "ngrpo_reward.py"
+USER_REWARD_COPY = "user_reward.py"
+RAY_CODE_DIR = "ray_code"
 
 
 @dataclasses.dataclass
@@ -59,98 +59,99 @@ class Layout:
         return max(self.nodes * self.gpus_per_node // self.vllm_tensor_parallel, 1)
 
 
-def detect_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _filter_range(mode: str, group_size: int, max_reward: float):
-    """OpenRLHF keeps a group iff LO < mean score < HI. With rewards in {0, R_max} the means of a
-    group lie on a grid of step R_max/G, so half a step inside each end separates exactly the
-    all-wrong (mean 0) and all-correct (mean R_max) groups from the mixed ones."""
-    half_step = 0.5 * max_reward / group_size
-    return {
-        "drop_all_correct": (-half_step, max_reward - half_step),
-        "drop_all_correct_and_all_wrong": (half_step, max_reward - half_step),
-        "drop_all_wrong": (half_step, max_reward + half_step),
-    }[mode]
-
-
 def openrlhf_estimator(estimator: str) -> str:
     """The estimator name OpenRLHF's parser is given. ngrpo's own estimators run inside OpenRLHF's
     group path (group_norm), whose group step the patch replaces."""
-    return "group_norm" if estimator in PATCHED_ESTIMATORS else estimator
+    return "group_norm" if estimator in ESTIMATORS else estimator
 
 
-def build_openrlhf_argv(recipe: dict, *, model: str, train_file: str, run_dir: str, layout: Layout,
-                        reward_file: str = DEFAULT_REWARD_FILE, save_steps: int = 1,
-                        keep_checkpoints: int = 3, extra: List[str] = ()) -> List[str]:
+def build_openrlhf_argv(recipe: Recipe, *, model: str, layout: Layout, save_steps: int = 1, keep_checkpoints: int = 3, eval_every: Optional[int] = None,
+                        extra: List[str] = ()) -> List[str]:
+    """OpenRLHF's flags for RECIPE. Paths inside the run directory are written with
+    rundir.RUN_DIR_TOKEN (see materialise_argv), so that the manifest keeps no absolute path to them."""
     r = recipe
-    group_size = r["samples_per_prompt"]
-    run_dir = Path(run_dir)
+    group_size = r.samples_per_prompt
+    run = rundir.RUN_DIR_TOKEN
     argv = {
         "--actor.model_name_or_path": model,
-        "--data.prompt_dataset": train_file,
+        "--data.prompt_dataset": f"{run}/{rundir.TRAIN_DATA}",
         "--data.input_key": "prompt",
         "--data.label_key": "answer",
-        "--reward.remote_url": reward_file,
-        "--ckpt.path": run_dir / "checkpoints",
-        "--ckpt.output_dir": run_dir / "final_model",
+        # Always ngrpo's reward entry; it calls a user's --reward-file itself (pipelines/reward.py).
+        "--reward.remote_url": REWARD_ENTRY,
+        "--ckpt.path": f"{run}/{rundir.CHECKPOINTS}",
+        "--ckpt.output_dir": f"{run}/{rundir.FINAL_MODEL}",
         "--ckpt.save_steps": save_steps,
         "--ckpt.max_num": keep_checkpoints,
-        "--rollout.batch_size": r["prompts_per_step"],
+        "--rollout.batch_size": r.prompts_per_step,
         "--rollout.n_samples_per_prompt": group_size,
-        "--train.batch_size": r["mini_batch_prompts"] * group_size,
-        "--train.micro_batch_size": r["micro_train_batch_size"],
-        "--rollout.micro_batch_size": r["micro_rollout_batch_size"],
-        "--train.max_epochs": r["ppo_epochs"],
-        "--train.num_episodes": r["episodes"],
-        "--data.max_len": r["max_prompt_len"] + r["max_response_len"],
-        "--rollout.max_new_tokens": r["max_response_len"],
-        "--rollout.temperature": r["temperature"],
-        "--rollout.top_p": r["top_p"],
-        "--actor.adam.lr": r["lr"],
-        "--actor.adam.weight_decay": r["weight_decay"],
-        "--actor.max_norm": r["max_grad_norm"],
-        "--actor.lr_scheduler": "constant_with_warmup" if r["lr_warmup_ratio"] > 0 else "constant",
-        "--actor.lr_warmup_ratio": r["lr_warmup_ratio"],
-        "--actor.eps_clip_low_high": [r["eps_clip_low"], r["eps_clip_high"]],
-        "--actor.loss_agg_mode": r["loss_agg"],
-        "--actor.entropy_coef": r["entropy_coef"],
-        "--algo.advantage.estimator": openrlhf_estimator(r["estimator"]),
-        "--algo.advantage.gamma": r["gamma"],
-        "--algo.advantage.lambd": r["gae_lambda"],
-        "--ds.zero_stage": r["zero_stage"],
-        "--train.seed": r["seed"],
+        "--train.batch_size": r.mini_batch_prompts * group_size,
+        "--train.micro_batch_size": r.micro_train_batch_size,
+        "--rollout.micro_batch_size": r.micro_rollout_batch_size,
+        "--train.max_epochs": r.ppo_epochs,
+        "--train.num_episodes": r.episodes,
+        "--data.max_len": r.max_prompt_len + r.max_response_len,
+        "--rollout.max_new_tokens": r.max_response_len,
+        "--rollout.temperature": r.temperature,
+        "--rollout.top_p": r.top_p,
+        "--actor.adam.lr": r.lr,
+        "--actor.adam.weight_decay": r.weight_decay,
+        "--actor.adam.betas": list(r.adam_betas),
+        "--actor.max_norm": r.max_grad_norm,
+        "--actor.lr_scheduler": "constant_with_warmup" if r.lr_warmup_ratio > 0 else "constant",
+        "--actor.lr_warmup_ratio": r.lr_warmup_ratio,
+        "--actor.eps_clip_low_high": [r.eps_clip_low, r.eps_clip_high],
+        "--actor.loss_agg_mode": r.loss_agg,
+        "--actor.entropy_coef": r.entropy_coef,
+        "--algo.advantage.estimator": openrlhf_estimator(r.estimator),
+        "--algo.advantage.gamma": r.gamma,
+        "--algo.advantage.lambd": r.gae_lambda,
+        "--ds.zero_stage": r.zero_stage,
+        "--train.seed": r.seed,
         "--logger.logging_steps": 1,
         # ngrpo's metrics.jsonl and progress lines ride on OpenRLHF's TensorBoard logger (hooks.py).
-        "--logger.tensorboard_dir": run_dir / "tensorboard",
+        "--logger.tensorboard_dir": f"{run}/tensorboard",
         "--actor.num_nodes": layout.nodes,
         "--actor.num_gpus_per_node": layout.gpus_per_node,
         "--vllm.num_engines": layout.num_vllm_engines,
         "--vllm.tensor_parallel_size": layout.vllm_tensor_parallel,
     }
     flags = []
-    if r["kl_mode"] == "none" or r["kl_coef"] == 0:
+    if r.kl_mode == "none" or r.kl_coef == 0:
         argv["--algo.kl.init_coef"] = 0
     else:
-        argv["--algo.kl.init_coef"] = r["kl_coef"]
-        argv["--algo.kl.estimator"] = r["kl_estimator"]
+        argv["--algo.kl.init_coef"] = r.kl_coef
+        argv["--algo.kl.estimator"] = r.kl_estimator
         argv["--ref.num_nodes"] = layout.nodes
         argv["--ref.num_gpus_per_node"] = layout.gpus_per_node
-        if r["kl_mode"] == "loss":
+        if r.kl_mode == "loss":
             flags.append("--algo.kl.use_loss")
-    if r["estimator"] == "gae":
-        argv["--critic.adam.lr"] = r["critic_lr"]
-        argv["--critic.num_nodes"] = layout.nodes
-        argv["--critic.num_gpus_per_node"] = layout.gpus_per_node
-    if r["group_filter"] != "none":
+    if r.estimator == "gae":
+        # The authors' critic: constant lr, no warm-up, AdamW with weight decay (OpenRLHF's default
+        # is a cosine schedule with 3 % warm-up and no weight decay).
+        argv.update({"--critic.adam.lr": r.critic_lr, "--critic.adam.weight_decay": r.critic_weight_decay,
+                     "--critic.adam.betas": list(r.adam_betas), "--critic.lr_scheduler": "constant",
+                     "--critic.lr_warmup_ratio": 0, "--critic.num_nodes": layout.nodes,
+                     "--critic.num_gpus_per_node": layout.gpus_per_node})
+    if r.group_filter != "none":
+        # Turns OpenRLHF's refill path on; which groups stay is decided by ngrpo's filter
+        # (hooks.make_generate_vllm, by correctness), not by OpenRLHF's mean-reward range.
         flags.append("--algo.dynamic_filtering_enable")
-        argv["--algo.dynamic_filtering_range"] = list(_filter_range(r["group_filter"], group_size, r["max_reward"]))
-    if r["overlong_buffer"]:
-        argv["--reward.overlong_buffer_len"] = r["overlong_buffer"]
+    if r.overlong_buffer:
+        argv["--reward.overlong_buffer_len"] = r.overlong_buffer
         argv["--reward.overlong_penalty_factor"] = 1.0
+    if r.gradient_checkpointing:
+        flags.append("--actor.gradient_checkpointing_enable")
+    if r.packing:
+        flags.append("--ds.packing_samples")
+    if r.max_tokens_per_gpu:
+        flags.append("--train.dynamic_batch_enable")
+        argv["--train.max_tokens_per_gpu"] = r.max_tokens_per_gpu
+        argv["--rollout.max_tokens_per_gpu"] = r.max_tokens_per_gpu
+    if eval_every:
+        # greedy, one answer per problem, as the NGRPO authors validate
+        argv.update({"--eval.dataset": f"{run}/{rundir.EVAL_DATA}", "--eval.steps": eval_every,
+                     "--eval.n_samples_per_prompt": 1, "--eval.temperature": 0.0})
     if layout.device == "cpu":
         # No flash-attention or CUDA graphs on CPU; weights reach vLLM through gloo (cpu_mode.py).
         argv["--ds.attn_implementation"] = "eager"
@@ -170,18 +171,23 @@ def build_openrlhf_argv(recipe: dict, *, model: str, train_file: str, run_dir: s
     return out + flags + list(extra)
 
 
-def build_patch_config(recipe: dict, *, device: str, run_dir: Optional[str], max_steps: Optional[int]) -> PatchConfig:
-    estimator = recipe["estimator"]
+def materialise_argv(argv: List[str], run_dir) -> List[str]:
+    """ARGV with rundir.RUN_DIR_TOKEN replaced by RUN_DIR (absolute)."""
+    run_dir = str(Path(run_dir).resolve())
+    return [a.replace(rundir.RUN_DIR_TOKEN, run_dir) for a in argv]
+
+
+def build_patch_config(recipe: Recipe, *, device: str, max_steps: Optional[int], reward_file: str) -> PatchConfig:
+    """The settings the workers' patch needs (the run directory is filled in at launch)."""
     return PatchConfig(
-        estimator=estimator if estimator in PATCHED_ESTIMATORS else None,
-        virtual_samples=recipe["virtual_samples"],
-        max_reward=recipe["max_reward"],
-        w_reinforce_lambda=recipe["w_reinforce_lambda"],
+        estimator=recipe.estimator if recipe.estimator in ESTIMATORS else None,
+        estimator_options={name: getattr(recipe, name) for name in ESTIMATOR_OPTIONS},
+        group_filter=recipe.group_filter,
         device=device,
-        run_dir=str(run_dir) if run_dir else None,
         max_steps=max_steps,
-        seed=recipe["seed"],
-        answer_extraction=recipe["answer_extraction"],
+        seed=recipe.seed,
+        answer_extraction=recipe.answer_extraction,
+        reward_file=reward_file,
     )
 
 
@@ -250,6 +256,61 @@ def logical_gpus_needed(args) -> int:
     return total
 
 
+def _ship_code(patch_config: PatchConfig) -> dict:
+    """Ray's runtime_env parts that bring ngrpo's code to every node: its packages as py_modules (a
+    node with only OpenRLHF installed still runs the patch and the reward), and a working_dir with
+    the reward entry and a copy of a user's reward file."""
+    import shutil
+
+    import openrlhf_patch
+    import pipelines
+
+    code = Path(patch_config.run_dir) / RAY_CODE_DIR
+    code.mkdir(parents=True, exist_ok=True)
+    (code / REWARD_ENTRY).write_text("from pipelines.reward import reward_func  # noqa: F401  (ngrpo's reward entry)\n")
+    if patch_config.reward_file and patch_config.reward_file != DEFAULT_REWARD_FILE:
+        shutil.copyfile(patch_config.reward_file, code / USER_REWARD_COPY)
+    packages = [str(Path(m.__file__).parent) for m in (openrlhf_patch, pipelines)]
+    return {"py_modules": packages, "working_dir": str(code)}
+
+
+def ray_init_kwargs(patch_config: PatchConfig, args) -> dict:
+    """How this launch starts or joins Ray. Without RAY_ADDRESS a run gets a private local Ray
+    instance ("local"), never whatever cluster a `ray start` left registered on the machine; an
+    existing cluster decides its own resources, so num_cpus/num_gpus go only to a local one."""
+    from openrlhf_patch import install
+
+    env = {
+        # what OpenRLHF's own ray.init would set (train() skips it once Ray is up)
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+        "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+        "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
+        **patch_config.to_env(),
+        # read by ngrpo's reward file inside the rollout actors (pipelines/reward.py)
+        "NGRPO_ANSWER_EXTRACTION": patch_config.answer_extraction,
+        "NGRPO_RUN_DIR": patch_config.run_dir or "",
+    }
+    if patch_config.reward_file and patch_config.reward_file != DEFAULT_REWARD_FILE:
+        env.update(NGRPO_USER_REWARD_FILE=patch_config.reward_file, NGRPO_USER_REWARD_COPY=USER_REWARD_COPY)
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    runtime_env = {"worker_process_setup_hook": install.HOOK, "env_vars": env, **_ship_code(patch_config)}
+    kwargs = {"address": address, "runtime_env": runtime_env}
+    if patch_config.device == "cpu":
+        from openrlhf_patch import cpu_mode
+
+        env.update(cpu_mode.cpu_env())
+        if address == "local":
+            gpus = logical_gpus_needed(args)  # logical GPUs: Ray places OpenRLHF's actors by them
+            kwargs.update(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 2 * gpus + 2))
+    if address == "local":
+        kwargs["include_dashboard"] = False  # a private instance: its dashboard costs seconds and memory
+    else:
+        # Ray runs the worker hook before it sets CUDA_VISIBLE_DEVICES: CUDA must not be
+        # initialised then, or every actor lands on GPU 0 (see openrlhf_patch/install.py).
+        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    return kwargs
+
+
 def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
     """Start Ray with ngrpo's worker hook and run OpenRLHF's launcher in this process."""
     import ray
@@ -258,24 +319,13 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
 
     install.apply(patch_config, role="driver")
     args = parse_with_openrlhf(argv)
-    env = {
-        # what OpenRLHF's own ray.init would set (train() skips it once Ray is up)
-        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
-        "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
-        "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
-        **patch_config.to_env(),
-        # read by the reward file inside the rollout actors (pipelines/reward.py)
-        "NGRPO_ANSWER_EXTRACTION": patch_config.answer_extraction,
-    }
-    init_kwargs = {}
-    if patch_config.device == "cpu":
-        from openrlhf_patch import cpu_mode
+    # The launch log (pipelines/console.py) is the run's record: keep every worker's lines, which
+    # Ray would otherwise fold into "[repeated Nx across cluster]" (Ray reads RAY_DEDUP_LOGS once,
+    # at import, into this module constant).
+    from ray._private import ray_logging
 
-        env.update(cpu_mode.cpu_env())
-        gpus = logical_gpus_needed(args)
-        init_kwargs = dict(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 2 * gpus + 2))
-    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"worker_process_setup_hook": install.HOOK,
-             "env_vars": env}, **init_kwargs)
+    ray_logging.RAY_DEDUP_LOGS = os.environ.get("RAY_DEDUP_LOGS", "0") == "1"
+    ray.init(**ray_init_kwargs(patch_config, args))
     try:
         with _argv(argv):
             runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
@@ -283,75 +333,154 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
         ray.shutdown()
 
 
-# ---------------------------------------------------------------------------------------------
-# Run directories
-# ---------------------------------------------------------------------------------------------
 def write_training_file(problems, path: Path) -> int:
     """The prompts OpenRLHF reads: the paper's full chat prompt (so no template is applied later)."""
     from pipelines.data import write_jsonl_atomic
 
-    write_jsonl_atomic(({"id": p["id"], "prompt": build_prompt(p["problem"]), "answer": p["answer"]}
-                        for p in problems), path)
+    write_jsonl_atomic(({"id": p["id"], "prompt": build_prompt(p["problem"]), "answer": p["answer"],
+                         "datasource": p.get("source") or "default"} for p in problems), path)
     return len(problems)
 
 
-def read_manifest(run_dir) -> dict:
-    path = Path(run_dir) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not an ngrpo run directory: {MANIFEST} is missing")
-    return json.loads(path.read_text())
+def planned_steps(manifest: dict) -> Optional[int]:
+    """Training steps the run will make: --max-steps, capped by the data (no filtering assumed)."""
+    recipe = manifest.get("recipe") or {}
+    per_episode = manifest.get("num_problems", 0) // max(recipe.get("prompts_per_step", 1), 1)
+    total = per_episode * recipe.get("episodes", 1) or None
+    max_steps = manifest.get("max_steps")
+    return min(filter(None, (total, max_steps)), default=None)
 
 
-def write_manifest(run_dir, manifest: dict) -> None:
-    path = Path(run_dir) / MANIFEST
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, path)
+class RunFailed(RuntimeError):
+    """A launch that did not train: the message says why, in one paragraph, and names the log."""
 
 
-def checkpoint_step(run_dir) -> int:
-    """The step of the DeepSpeed checkpoint OpenRLHF resumes from (its `latest` tag), 0 if none."""
-    latest = Path(run_dir) / "checkpoints" / "_actor" / "latest"
-    if not latest.exists():
+def root_cause(err: BaseException) -> BaseException:
+    """The exception a Ray worker raised, under Ray's RayTaskError wrappers (one per actor hop)."""
+    seen = set()
+    while getattr(err, "cause", None) is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.cause
+    return err
+
+
+def describe_failure(err: BaseException) -> str:
+    from openrlhf_patch.hooks import RewardError
+
+    cause = root_cause(err)
+    if isinstance(cause, RewardError):
+        return str(cause).strip()  # written for the user, with the reward file's own traceback
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler stopping the job) ends the launch like Ctrl-C: Ray is shut down, the run
+    is marked interrupted and keeps its last checkpoint."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def usable_checkpoint(run_dir, log=print) -> int:
+    """The step to resume from: the `latest` checkpoint when every file of it loads, else the
+    newest complete earlier one. The damaged one is moved to checkpoints/damaged/ (outside the
+    folders OpenRLHF rotates, so nothing is deleted) and `latest` names the one used. 0 when
+    there is no checkpoint at all."""
+    from pipelines.export import ExportError, Source, check_deepspeed_files, checkpoint_zero_stage, safe_torch_load
+
+    ckpt = Path(run_dir) / rundir.CHECKPOINTS
+    roles = [d for d in (ckpt / "_actor", ckpt / "_critic") if d.is_dir()]
+    latest = rundir.checkpoint_step(run_dir)
+    if not roles or latest == 0:
         return 0
-    tag = latest.read_text().strip()
-    if not tag.startswith("global_step") or not tag[len("global_step"):].isdigit():
-        raise ValueError(f"{latest}: unexpected checkpoint tag {tag!r} (expected global_stepN)")
-    return int(tag[len("global_step"):])
+
+    def problem(step):
+        for role in roles:
+            src = Source("deepspeed", role, tag=f"global_step{step}", step=step)
+            if not src.tag_dir.is_dir():
+                return f"{src.tag_dir} is missing"
+            try:
+                check_deepspeed_files(src, checkpoint_zero_stage(src))
+                for path in sorted(src.tag_dir.glob("*.pt")):
+                    safe_torch_load(path, mmap=True)
+            except ExportError as err:
+                return str(err)
+        return None
+
+    why = problem(latest)
+    if why is None:
+        return latest
+    steps = sorted({int(p.name[len("global_step"):]) for p in roles[0].glob("global_step*")
+                    if p.name[len("global_step"):].isdigit() and int(p.name[len("global_step"):]) < latest}, reverse=True)
+    fallback = next((s for s in steps if problem(s) is None), None)
+    if fallback is None:
+        raise RunFailed(f"the latest checkpoint (step {latest}) is damaged ({why}) and no earlier complete one is left; "
+                        f"start the run again (ngrpo train --overwrite)")
+    aside = ckpt / "damaged" / time.strftime("%Y%m%d-%H%M%S")
+    for role in roles:
+        damaged = role / f"global_step{latest}"
+        if damaged.exists():
+            (aside / role.name).mkdir(parents=True, exist_ok=True)
+            damaged.rename(aside / role.name / damaged.name)
+        (role / "latest").write_text(f"global_step{fallback}")
+    log(f"the latest checkpoint (step {latest}) is damaged: {why}; resuming from the previous complete one, step "
+        f"{fallback} (the damaged one is kept in {aside})")
+    return fallback
 
 
-def truncate_metrics(run_dir, step: int) -> None:
-    """Forget logged steps after `step` (a resumed run repeats them from its checkpoint)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+def execute_run(run_dir, manifest: dict, resume: bool = False, verbose: bool = False) -> dict:
+    """Launch (or resume) the run of RUN_DIR's manifest; the manifest's status follows it.
+    Raises KeyboardInterrupt (Ctrl-C, SIGTERM) or RunFailed."""
+    from pipelines.console import launch_console
 
-
-def last_logged_step(run_dir) -> int:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
-
-
-def execute_run(run_dir, manifest: dict, resume: bool = False) -> dict:
-    argv = list(manifest["openrlhf_argv"])
-    patch_config = PatchConfig(**manifest["patch_config"])
+    run_dir = Path(run_dir).resolve()
+    argv = materialise_argv(manifest["openrlhf_argv"], run_dir)
+    patch_config = dataclasses.replace(PatchConfig(**manifest["patch_config"]), run_dir=str(run_dir))
+    start = 0
     if resume:
         argv.append("--ckpt.load_enable")
-        start = checkpoint_step(run_dir)
-        truncate_metrics(run_dir, start)
+        start = usable_checkpoint(run_dir, log=lambda msg: print(msg, file=sys.stderr))
+        rundir.truncate_step_log(run_dir / rundir.METRICS, start)
+        rundir.truncate_step_log(run_dir / rundir.EVAL_METRICS, start)
         patch_config = dataclasses.replace(patch_config, start_step=start)
-    manifest.update(status="running", started=time.time())
-    write_manifest(run_dir, manifest)
+    (run_dir / rundir.PROGRESS).unlink(missing_ok=True)
+    manifest.update(status="running", started=time.time(), error=None)
+    rundir.write_manifest(run_dir, manifest)
+    log = None
     try:
-        run_openrlhf(argv, patch_config)
-    except BaseException:
-        manifest["status"] = "failed"
-        write_manifest(run_dir, manifest)
+        with sigterm_as_interrupt(), launch_console(run_dir, total_steps=planned_steps(manifest), start_step=start,
+                                                    verbose=verbose) as log:
+            manifest.setdefault("logs", []).append(str(log.relative_to(run_dir)))
+            rundir.write_manifest(run_dir, manifest)
+            run_openrlhf(argv, patch_config)
+    except KeyboardInterrupt:
+        manifest.update(status="interrupted", global_step=rundir.completed_steps(run_dir))
+        rundir.write_manifest(run_dir, manifest)
         raise
-    manifest.update(status="finished", finished=time.time(), global_step=last_logged_step(run_dir))
-    write_manifest(run_dir, manifest)
+    except BaseException as err:
+        from openrlhf_patch.hooks import RewardError
+        from pipelines.console import log_tail
+
+        manifest.update(status="failed", error=describe_failure(err), global_step=rundir.completed_steps(run_dir))
+        rundir.write_manifest(run_dir, manifest)
+        # the error first; the end of the log only where the error is not already the user's own
+        tail = "" if isinstance(root_cause(err), RewardError) or log is None else "\n" + log_tail(log)
+        raise RunFailed(f"training failed: {manifest['error']}{tail}\n(full log: {log})") from err
+    completed = rundir.completed_steps(run_dir)
+    if completed <= start:
+        manifest.update(status="failed", error="no training step was made", global_step=completed)
+        rundir.write_manifest(run_dir, manifest)
+        raise RunFailed(f"training failed: OpenRLHF finished without making a training step (from step {start}); "
+                        f"the data loader had no batch to give\n(full log: {log})")
+    manifest.update(status="finished", finished=time.time(), global_step=completed)
+    rundir.write_manifest(run_dir, manifest)
     return manifest

@@ -1,10 +1,12 @@
 """Supervised warm-up on synthetic arithmetic through OpenRLHF's own SFT trainer (CPU or GPU).
 
 A random-init tiny model never answers a problem correctly, so every RL group would be all-wrong
-and the demo would teach nothing. `warmup_sft` writes a small SFT set of seeded arithmetic problems
-(the exact RL prompt from `pipelines.prompts.build_prompt` as input, a one-line worked answer ending
-in `\\boxed{N}<|im_end|>` as output) and trains on it with `openrlhf.cli.train_sft`, unmodified, with
-real DeepSpeed ZeRO. The result is a Hugging Face folder (bf16 weights, tokenizer, chat template).
+and the demo would teach nothing. `warmup_sft` writes a small SFT set of arithmetic problems from
+the warm-up split of `pipelines.arith` (questions that RL training and evaluation never see; the
+exact RL prompt as input, a one-line worked answer ending in `\\boxed{N}<|im_end|>` as output) and
+trains on it with `openrlhf.cli.train_sft`, unmodified, with real DeepSpeed ZeRO. The result is a
+Hugging Face folder (bf16 weights, tokenizer, chat template). `evaluate` measures it with
+`ngrpo eval`'s own code on the test split.
 
 How OpenRLHF's SFT script runs without a GPU (`python -m pipelines.warmup ARGV...` is the child):
   * it is a deepspeed-launched script; here it runs as one process that sets RANK/WORLD_SIZE/
@@ -23,7 +25,6 @@ imports the PPO/Ray/vLLM modules) is not needed. Attention is `eager` on CPU.
 """
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -36,10 +37,7 @@ OPENRLHF_SFT_MODULE = "openrlhf.cli.train_sft"
 IM_END = "<|im_end|>"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# The default recipe, tuned for the tiny model (hidden 128, 2 layers) on a 2-core CPU: 150 AdamW
-# steps of 32 sequences, ~45 s wall / ~70 CPU-s on an idle machine. Held-out difficulty-1 accuracy
-# over three seeds: greedy 56-76%, sampled (T=1) 25-34%, mixed RL groups. Fewer steps (100) gave
-# greedy 33% / sampled 15%; more (186) greedy 83% / sampled 65%; lr 6e-3 diverged to 6%.
+# The default recipe for the tiny model on a 2-core CPU (see docs/study-cpu/ for how it was chosen).
 DEFAULT_RECIPE = dict(
     n_problems=2400,
     epochs=2,
@@ -48,47 +46,30 @@ DEFAULT_RECIPE = dict(
     batch_size=32,
     micro_batch_size=32,
     seed=0,
-    difficulty=1,
+    mix="study",
     zero_stage=2,
 )
-# Held-out problems come from the same generator under a seed the training data never uses.
-HELDOUT_SEED_OFFSET = 1_000_003
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def arith_problems(n: int, seed: int = 0, difficulty: int = 1) -> List[dict]:
-    """`n` seeded problems of `pipelines.data`'s synthetic:arith generator (the RL data), each with
-    a `solution`: the short worked answer the model is taught."""
-    from pipelines.data import synthetic_arith
+def warmup_problems(n: int, seed: int = 0, mix: str = DEFAULT_RECIPE["mix"]) -> List[dict]:
+    """N problems of the warm-up split (never used for RL training or evaluation)."""
+    from pipelines import arith
 
-    rows = synthetic_arith(n, difficulty=difficulty, seed=seed)
-    return [{"question": r["problem"], "answer": r["answer"], "solution": solution_text(r["expression"], r["answer"])}
-            for r in rows]
-
-
-def heldout_problems(n: int, seed: int = 0, difficulty: int = 1) -> List[dict]:
-    """A fresh draw of the same distribution (another seed of the generator). Difficulty 1 has only
-    100 distinct questions (two digits 0-9), so these are new samples, not unseen questions."""
-    return arith_problems(n, seed=seed + HELDOUT_SEED_OFFSET, difficulty=difficulty)
-
-
-def solution_text(expression: str, answer: str) -> str:
-    """One line of work, then the boxed answer: "3 + 4 = 7. The answer is \\boxed{7}."."""
-    return f"{expression} = {answer}. The answer is \\boxed{{{answer}}}."
+    return arith.problems(n, mix=mix, split="warmup", seed=seed)
 
 
 def sft_records(problems: Sequence[dict]) -> List[dict]:
     """OpenRLHF SFT rows: `input` is the full chat prompt (used as is: no chat template, no
-    input_template), `output` the response. SFTDataset concatenates them; ending the output with
-    the tokenizer's EOS (<|im_end|>) stops it from appending " <|im_end|>" itself."""
+    input_template), `output` the worked answer. SFTDataset concatenates them; ending the output
+    with the tokenizer's EOS (<|im_end|>) stops it from appending " <|im_end|>" itself."""
+    from pipelines.arith import solution_text
     from pipelines.prompts import build_prompt
 
-    return [
-        {"input": build_prompt(p["question"]), "output": p["solution"] + IM_END, "answer": p["answer"]}
-        for p in problems
-    ]
+    return [{"input": build_prompt(p["problem"]), "output": solution_text(p["expression"], p["answer"]) + IM_END,
+             "answer": p["answer"]} for p in problems]
 
 
 def longest_row_tokens(model_dir, rows: Sequence[dict]) -> int:
@@ -100,81 +81,31 @@ def longest_row_tokens(model_dir, rows: Sequence[dict]) -> int:
     return max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
 
 
-# ----------------------------------------------------------------------------- grading
+# ----------------------------------------------------------------------------- evaluation
 
 
-def exact_match(response: str, answer: str) -> bool:
-    """The warm-up's own quick check: the last boxed content (the reward's extraction) equals the
-    gold answer, spaces ignored; no math-verify, so thousands of generations grade instantly."""
-    from pipelines.grading import extract_boxed
+def evaluate(model_dir, out_dir, *, n_problems: int, samples: int = 0, seed: int = 0,
+             mix: str = DEFAULT_RECIPE["mix"], max_new_tokens: int = 32) -> dict:
+    """Greedy accuracy (and with SAMPLES > 0 the mean accuracy of that many samples per problem at
+    temperature 1, top_p 1: what RL rollouts see) on N_PROBLEMS test-split problems, by `ngrpo
+    eval`'s code (transformers backend, math-verify grading) into OUT_DIR/greedy and OUT_DIR/sampled."""
+    from pipelines import arith
+    from pipelines.data import write_jsonl_atomic
+    from pipelines.evaluation import run_eval
 
-    got = extract_boxed(response)
-    return got is not None and re.sub(r"\s+", "", got) == re.sub(r"\s+", "", str(answer))
-
-
-def evaluate_accuracy(model_dir, problems: Sequence[dict], *, samples: int = 0, temperature: float = 1.0,
-                      max_new_tokens: int = 32, batch_size: int = 64, seed: int = 0, dtype: str = "auto") -> dict:
-    """Greedy accuracy (and, with samples > 0, mean sampled accuracy at `temperature`, top_p 1) of
-    the model at `model_dir` on `problems`, with transformers generate and `exact_match`. dtype
-    "auto" is the model's own (bf16, as vLLM rolls it out in RL)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pipelines.prompts import build_prompt
-
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-    model.eval()
-    eos = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids("<|endoftext|>")]
-    torch.manual_seed(seed)
-
-    def run(do_sample, n_return):
-        correct, total, examples = 0, 0, []
-        for i in range(0, len(problems), batch_size):
-            chunk = problems[i:i + batch_size]
-            enc = tok([build_prompt(p["question"]) for p in chunk], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-            kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample \
-                else dict(do_sample=False)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n_return,
-                                     eos_token_id=eos, pad_token_id=tok.pad_token_id, **kwargs)
-            texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for k, text in enumerate(texts):
-                ok = exact_match(text, chunk[k // n_return]["answer"])
-                correct += ok
-                total += 1
-                if len(examples) < 3:
-                    examples.append(text)
-        return correct / max(total, 1), examples
-
-    result = {"n_problems": len(problems)}
-    result["greedy_accuracy"], result["greedy_examples"] = run(False, 1)
+    out_dir = Path(out_dir)
+    bench = out_dir / "heldout.jsonl"
+    write_jsonl_atomic(arith.problems(n_problems, mix=mix, split="test", seed=seed), bench)
+    common = dict(backend="hf", max_new_tokens=max_new_tokens, seed=seed, progress=False, overwrite=True,
+                  log=lambda msg: None)
+    greedy = run_eval(str(model_dir), [str(bench)], out_dir=out_dir / "greedy", n=1, temperature=0.0, **common)
+    result = {"n_problems": n_problems, "greedy_accuracy": greedy["benchmarks"]["heldout"]["avg@1"]}
     if samples > 0:
-        result["sampled_accuracy"], result["sampled_examples"] = run(True, samples)
-        result["samples_per_problem"], result["temperature"] = samples, temperature
+        sampled = run_eval(str(model_dir), [str(bench)], out_dir=out_dir / "sampled", n=samples, temperature=1.0,
+                           top_p=1.0, **common)
+        result.update(sampled_accuracy=sampled["benchmarks"]["heldout"][f"avg@{samples}"], samples_per_problem=samples,
+                      temperature=1.0)
     return result
-
-
-def sft_loss(model_dir, rows: Sequence[dict], max_len: int = 160) -> float:
-    """Mean per-token NLL of the responses given the prompts (the SFT objective), with transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            prompt_ids = tok(row["input"], add_special_tokens=False)["input_ids"]
-            ids = tok(row["input"] + row["output"], add_special_tokens=False)["input_ids"][:max_len]
-            labels = list(ids)
-            labels[:len(prompt_ids)] = [-100] * len(prompt_ids)
-            out = model(torch.tensor([ids]), labels=torch.tensor([labels]))
-            n = sum(1 for x in labels[1:] if x != -100)
-            nll += out.loss.item() * n
-            count += n
-    return nll / max(count, 1)
 
 
 # ----------------------------------------------------------------------------- training
@@ -242,19 +173,13 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def warmup_sft(model_dir, out_dir, *, n_problems: int = DEFAULT_RECIPE["n_problems"],
                epochs: int = DEFAULT_RECIPE["epochs"], lr: float = DEFAULT_RECIPE["lr"],
                max_len: int = DEFAULT_RECIPE["max_len"], seed: int = DEFAULT_RECIPE["seed"],
-               difficulty: int = DEFAULT_RECIPE["difficulty"], batch_size: int = DEFAULT_RECIPE["batch_size"],
+               mix: str = DEFAULT_RECIPE["mix"], batch_size: int = DEFAULT_RECIPE["batch_size"],
                micro_batch_size: int = DEFAULT_RECIPE["micro_batch_size"],
                zero_stage: int = DEFAULT_RECIPE["zero_stage"], device: Optional[str] = None,
-               work_dir=None, extra_args: Sequence[str] = (), quiet: bool = False) -> Path:
+               work_dir=None, extra_args: Sequence[str] = (), verbose: bool = False) -> Path:
     """Warm `model_dir` up on `n_problems` seeded arithmetic problems with OpenRLHF's SFT trainer and
     write the Hugging Face model folder `out_dir` (bf16, tokenizer, chat template). Returns out_dir.
 
@@ -266,8 +191,11 @@ def warmup_sft(model_dir, out_dir, *, n_problems: int = DEFAULT_RECIPE["n_proble
     model_dir = Path(model_dir).resolve()
     work = Path(work_dir).resolve() if work_dir else out_dir.parent / f"{out_dir.name}_warmup_work"
     work.mkdir(parents=True, exist_ok=True)
-    device = device or _default_device()
-    rows = sft_records(arith_problems(n_problems, seed=seed, difficulty=difficulty))
+    if device is None:
+        from pipelines.models import detect_device
+
+        device = detect_device()
+    rows = sft_records(warmup_problems(n_problems, seed=seed, mix=mix))
     longest = longest_row_tokens(model_dir, rows)
     if longest > max_len:
         # SFTDataset would silently cut answers (their \boxed{} included) at max_len.
@@ -287,7 +215,9 @@ def warmup_sft(model_dir, out_dir, *, n_problems: int = DEFAULT_RECIPE["n_proble
     if device == "cpu":
         # `launch` reads the first (CPU patches); the second holds DeepSpeed to its CPU accelerator
         # even where a GPU is present. The flash_attn stub is put on sys.path by the child itself.
-        env.update(NGRPO_WARMUP_DEVICE="cpu", DS_ACCELERATOR="cpu")
+        from openrlhf_patch.cpu_mode import op_cache_env
+
+        env.update(NGRPO_WARMUP_DEVICE="cpu", DS_ACCELERATOR="cpu", **op_cache_env())
     if device == "cpu" or "WORLD_SIZE" not in env:
         # A single-process "deepspeed launch": the env:// rendezvous variables the launcher would set.
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -298,15 +228,18 @@ def warmup_sft(model_dir, out_dir, *, n_problems: int = DEFAULT_RECIPE["n_proble
     (work / "command.txt").write_text(" ".join(cmd) + "\n")
     start, cpu_start = time.time(), _children_cpu_s()
     log_path = work / "train_sft.log"
-    if quiet:
-        with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, env=env, cwd=str(work), stdout=log, stderr=subprocess.STDOUT)
-    else:
-        proc = subprocess.run(cmd, env=env, cwd=str(work))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in proc.stdout:  # the log always; the terminal too when verbose
+            log.write(line)
+            if verbose:
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+        returncode = proc.wait()
     wall, cpu = time.time() - start, _children_cpu_s() - cpu_start
-    if proc.returncode != 0:
-        hint = f"; log: {log_path}" if quiet else ""
-        raise RuntimeError(f"OpenRLHF SFT exited with {proc.returncode}{hint}")
+    if returncode != 0:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"OpenRLHF SFT exited with {returncode}; its log is {log_path}, ending:\n{tail}")
     if not (out_dir / "config.json").exists():
         raise RuntimeError(f"OpenRLHF SFT finished but wrote no model to {out_dir}")
     restore_inference_files(model_dir, out_dir)
@@ -314,7 +247,7 @@ def warmup_sft(model_dir, out_dir, *, n_problems: int = DEFAULT_RECIPE["n_proble
     summary = {
         "base_model": str(model_dir),
         "recipe": dict(n_problems=n_problems, epochs=epochs, lr=lr, max_len=max_len, seed=seed,
-                       difficulty=difficulty, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                       mix=mix, batch_size=batch_size, micro_batch_size=micro_batch_size,
                        zero_stage=zero_stage, device=device),
         "wall_time_s": round(wall, 1),
         "cpu_time_s": round(cpu, 1),

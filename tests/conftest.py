@@ -1,10 +1,21 @@
-"""Shared fixtures. Expensive artefacts (tiny model, training runs) are session-scoped."""
+"""Shared fixtures. Expensive artefacts (tiny model, training runs) are session-scoped.
+
+The Hugging Face Hub is never reachable from tests: HF_HUB_OFFLINE=1, and HF_HUB_CACHE points
+at a session folder, set here before anything imports huggingface_hub (it reads both once).
+`hub_model` puts the tiny model into that cache under a real Hub id.
+"""
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="ngrpo-test-hf-cache-"))
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+HUB_ID = "Qwen/Qwen2.5-Math-7B"  # the used-by command's model, here a tiny stand-in in the local cache
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +33,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from pipelines.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model", seed=0)
+
+
+def put_in_hub_cache(model_dir: Path, repo_id: str, cache: Path, revision: str = "0" * 40) -> Path:
+    """MODEL_DIR's files as snapshot REVISION of REPO_ID in a Hugging Face cache laid out as
+    huggingface_hub writes it (models--OWNER--NAME/refs/main -> snapshots/REVISION/)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def hub_model(tiny_model_dir) -> str:
+    """HUB_ID, resolvable offline from the test session's Hugging Face cache."""
+    put_in_hub_cache(tiny_model_dir, HUB_ID, Path(os.environ["HF_HUB_CACHE"]))
+    return HUB_ID

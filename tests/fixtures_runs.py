@@ -40,22 +40,22 @@ COIN_REWARD = textwrap.dedent('''
 _RUN_SCRIPT = textwrap.dedent('''
     import dataclasses, json, sys
     from pathlib import Path
-    from pipelines import training
+    from pipelines import rundir, training
     from pipelines.recipes import build_recipe
 
     spec = json.loads(sys.argv[1])
     run = Path(spec["run_dir"])
     problems = [{"id": str(i), "problem": f"What is {i} + {i % 5}?", "answer": str(i + i % 5)} for i in range(32)]
-    training.write_training_file(problems, run / "data" / "train.jsonl")
+    training.write_training_file(problems, run / rundir.TRAIN_DATA)
     recipe = build_recipe(spec["algo"], "cpu-tiny", spec["overrides"])
     layout = training.Layout.for_device("cpu")
-    argv = training.build_openrlhf_argv(recipe, model=spec["model"], train_file=str(run / "data" / "train.jsonl"),
-                                        run_dir=str(run), layout=layout, reward_file=spec["reward_file"])
-    patch_config = training.build_patch_config(recipe, device="cpu", run_dir=str(run), max_steps=spec["max_steps"])
+    argv = training.build_openrlhf_argv(recipe, model=spec["model"], layout=layout)
+    patch_config = training.build_patch_config(recipe, device="cpu", max_steps=spec["max_steps"],
+                                               reward_file=spec["reward_file"])
     manifest = {"model": spec["model"], "algo": spec["algo"], "preset": "cpu-tiny", "device": "cpu",
-                "recipe": recipe, "max_steps": spec["max_steps"], "openrlhf_argv": argv,
-                "patch_config": dataclasses.asdict(patch_config)}
-    training.write_manifest(run, manifest)
+                "num_problems": len(problems), "recipe": dataclasses.asdict(recipe), "max_steps": spec["max_steps"],
+                "openrlhf_argv": argv, "patch_config": dataclasses.asdict(patch_config)}
+    rundir.write_manifest(run, manifest)
     training.execute_run(run, manifest)
 ''')
 

@@ -71,7 +71,9 @@ def _check_run(out, output, backend):
         assert m["mean_response_tokens"] == pytest.approx(sum(r["n_tokens"] for r in rows) / 4)
         assert m["no_boxed_frac"] == pytest.approx(sum(r["extracted"] is None for r in rows) / 4)
     md = (out / "summary.md").read_text()
-    assert "| benchmark | problems | avg@2 | pass@2 | maj@2 | mean tokens | no boxed | truncated |" in md
+    assert "| benchmark | problems | avg@2 | pass@2 | maj@2 | final score | mean tokens | no boxed | truncated |" in md
+    for m in summary["benchmarks"].values():  # the authors' trapezoid over k = 1, 2: (p1 + p2) / 2
+        assert m["final_score"] == pytest.approx((m["pass@1"] + m["pass@2"]) / 2)
     assert "| math500 | 2 | 0.00 | 0.00 | 0.00 |" in md and "| amc23 | 2 | 0.00 | 0.00 | 0.00 |" in md
     assert "8 to generate" in output
 
@@ -181,6 +183,9 @@ class ScriptedBackend:
             ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             out.append(evaluation.Generation(ids, "stop"))
         return out
+
+    def close(self):
+        pass
 
 
 def test_metrics_end_to_end_with_a_scripted_model(tiny_model_dir, tmp_path, monkeypatch):

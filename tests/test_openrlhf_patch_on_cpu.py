@@ -1,7 +1,7 @@
 """The OpenRLHF integration, on CPU, without Ray: real OpenRLHF classes and its real parser.
 
-(a) the patched RemoteExperienceMaker on hand-made experiences gives SPEC §2 advantages and
-equals upstream group_norm for K=0; (e) every recipe's command line passes OpenRLHF's parser.
+(a) the patched RemoteExperienceMaker on hand-made experiences gives docs/ALGORITHM.md §2 advantages
+and equals upstream group_norm for K=0; (e) every recipe's command line passes OpenRLHF's parser.
 """
 import random
 from types import SimpleNamespace
@@ -9,13 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from openrlhf_patch import config as patch_config
 from openrlhf_patch import install
 from openrlhf_patch.config import PatchConfig
 from pipelines import training
 from pipelines.recipes import ALGOS, build_recipe
 
-# SPEC §2, G = 8, binary rewards, k correct: (A+, A-) for NGRPO.
-SPEC_NGRPO = {0: (None, -0.3333), 1: (1.7638, -0.5040), 2: (1.3333, -0.6667), 3: (1.0541, -0.8433),
+# docs/ALGORITHM.md §2, G = 8, binary rewards, k correct: (A+, A-) for NGRPO.
+TABLE_NGRPO = {0: (None, -0.3333), 1: (1.7638, -0.5040), 2: (1.3333, -0.6667), 3: (1.0541, -0.8433),
               4: (0.8433, -1.0541), 5: (0.6667, -1.3333), 6: (0.5040, -1.7638), 7: (0.3333, -2.6667), 8: (0.0, None)}
 
 
@@ -25,9 +26,8 @@ def patched():
 
 
 def _parse(recipe, layout):
-    argv = training.build_openrlhf_argv(recipe, model="Qwen/Qwen2.5-Math-7B", train_file="train.jsonl",
-                                        run_dir="/tmp/ngrpo-parse", layout=layout)
-    return training.parse_with_openrlhf(argv)
+    argv = training.build_openrlhf_argv(recipe, model="Qwen/Qwen2.5-Math-7B", layout=layout)
+    return training.parse_with_openrlhf(training.materialise_argv(argv, "/tmp/ngrpo-parse"))
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,8 @@ def _per_sample(experiences):
 
 
 def _use(monkeypatch, config):
-    """The hooks read their settings from the environment, as in a Ray worker."""
-    for key, value in config.to_env().items():
-        monkeypatch.setenv(key, value)
+    """The settings the hooks run with (in a Ray worker, install.apply activates them from the environment)."""
+    monkeypatch.setitem(patch_config._active, "config", config)
 
 
 def _maker(args):
@@ -86,7 +85,7 @@ def test_patched_experience_maker_gives_spec_table(openrlhf_args, monkeypatch):
     groups = [[1.0] * k + [0.0] * (8 - k) for k in range(9)]
     experiences = _maker(openrlhf_args).compute_advantages_and_returns(_experiences(groups))
     advantages = _per_sample(experiences)
-    for k, (a_pos, a_neg) in SPEC_NGRPO.items():
+    for k, (a_pos, a_neg) in TABLE_NGRPO.items():
         group = advantages[8 * k: 8 * k + 8]
         if a_pos is not None:
             assert group[:k] == pytest.approx([a_pos] * k, abs=1e-4)
@@ -103,7 +102,7 @@ def test_patched_experience_maker_gives_spec_table(openrlhf_args, monkeypatch):
 def test_ngrpo_with_k0_equals_upstream_group_norm(openrlhf_args, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     groups = (torch.rand(6, 8, generator=gen) * (torch.rand(6, 8, generator=gen) > 0.4)).tolist()
-    _use(monkeypatch, PatchConfig(estimator="ngrpo", virtual_samples=0))
+    _use(monkeypatch, PatchConfig(estimator="ngrpo", estimator_options={"virtual_samples": 0}))
     ours = _per_sample(_maker(openrlhf_args).compute_advantages_and_returns(_experiences(groups)))
     from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
@@ -116,7 +115,7 @@ def test_ngrpo_with_k0_equals_upstream_group_norm(openrlhf_args, monkeypatch):
 
 
 def test_upstream_estimators_are_left_alone(openrlhf_args, monkeypatch):
-    """grpo runs OpenRLHF's own group_norm; the patch only adds diagnostics."""
+    """Without an estimator of ngrpo's core (PPO's gae) OpenRLHF's own step runs; the patch only adds diagnostics."""
     _use(monkeypatch, PatchConfig(estimator=None))
     groups = [[0.0] * 8, [1.0] + [0.0] * 7]
     advantages = _per_sample(_maker(openrlhf_args).compute_advantages_and_returns(_experiences(groups)))
@@ -137,16 +136,16 @@ def test_apply_is_idempotent_and_refuses_untested_versions(patched):
         install.check_openrlhf_version("0.12.0")
 
 
-EXPECTED = {  # algo: (estimator given to OpenRLHF, clip low/high, kl init coef, kl as loss, filter range or None)
-    "ngrpo": ("group_norm", (0.16, 0.24), 0.0, False, (-0.0625, 0.9375)),
-    "grpo": ("group_norm", (0.2, 0.2), 0.001, True, None),
-    "dapo": ("group_norm", (0.2, 0.28), 0.0, False, (0.0625, 0.9375)),
-    "w_reinforce": ("group_norm", (0.2, 0.2), 0.0, False, None),
-    "psr": ("group_norm", (0.2, 0.2), 0.0, False, None),
-    "nsr": ("group_norm", (0.2, 0.2), 0.0, False, None),
-    "ppo": ("gae", (0.2, 0.2), 0.001, False, None),
-    "dr_grpo": ("dr_grpo", (0.2, 0.2), 0.0, False, None),
-    "rloo": ("rloo", (0.2, 0.2), 0.0, False, None),
+EXPECTED = {  # algo: (estimator given to OpenRLHF, clip low/high, kl init coef, kl as loss, group filter)
+    "ngrpo": ("group_norm", (0.16, 0.24), 0.0, False, "drop_all_correct"),
+    "grpo": ("group_norm", (0.2, 0.2), 0.001, True, "none"),
+    "dapo": ("group_norm", (0.2, 0.28), 0.0, False, "drop_all_correct_and_all_wrong"),
+    "w_reinforce": ("group_norm", (0.2, 0.2), 0.0, False, "none"),
+    "psr": ("group_norm", (0.2, 0.2), 0.0, False, "none"),
+    "nsr": ("group_norm", (0.2, 0.2), 0.0, False, "none"),
+    "ppo": ("gae", (0.2, 0.2), 0.001, False, "none"),
+    "dr_grpo": ("group_norm", (0.2, 0.2), 0.0, False, "none"),
+    "rloo": ("group_norm", (0.2, 0.2), 0.0, False, "none"),
 }
 
 
@@ -156,20 +155,25 @@ def test_every_recipe_passes_openrlhf_parser(patched, algo, device):
     layout = (training.Layout.for_device("cpu") if device == "cpu"
               else training.Layout(device="cuda", gpus_per_node=8))
     args = _parse(build_recipe(algo, "paper"), layout)
-    estimator, clip, kl, kl_loss, filter_range = EXPECTED[algo]
+    estimator, clip, kl, kl_loss, group_filter = EXPECTED[algo]
     assert args.algo.advantage.estimator == estimator
     assert tuple(args.actor.eps_clip_low_high) == pytest.approx(clip)
     assert args.algo.kl.init_coef == kl and args.algo.kl.use_loss == kl_loss
-    assert args.algo.dynamic_filtering_enable == (filter_range is not None)
-    if filter_range:
-        assert tuple(args.algo.dynamic_filtering_range) == pytest.approx(filter_range)
-    # SPEC §5 shared settings: 1024 prompts x 8 samples, mini-batch of 256 prompts, lr 1e-6 constant
+    assert args.algo.dynamic_filtering_enable == (group_filter != "none")
+    assert training.build_patch_config(build_recipe(algo, "paper"), device=device, max_steps=None,
+                                       reward_file="r.py").group_filter == group_filter
+    # docs/ALGORITHM.md §5 shared settings: 1024 prompts x 8 samples, mini-batch of 256 prompts,
+    # lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01 as the authors
     assert (args.rollout.batch_size, args.rollout.n_samples_per_prompt, args.train.batch_size) == (1024, 8, 2048)
     assert args.actor.adam.lr == 1e-6 and args.actor.lr_scheduler == "constant"
+    assert tuple(args.actor.adam.betas) == (0.9, 0.999)
     assert args.actor.adam.weight_decay == 0.01 and args.actor.entropy_coef == 0.001
     assert (args.data.max_len, args.rollout.max_new_tokens) == (4096, 3072)
     assert (args.reward.overlong_buffer_len == 1024) == (algo == "dapo")
     assert bool(args.critic.model_name_or_path) == (algo == "ppo")
+    if algo == "ppo":  # the authors' critic optimiser, not OpenRLHF's cosine schedule with warm-up
+        assert (args.critic.adam.lr, args.critic.lr_scheduler, args.critic.lr_warmup_ratio) == (1e-5, "constant", 0)
+        assert args.critic.adam.weight_decay == 0.01 and tuple(args.critic.adam.betas) == (0.9, 0.999)
     if device == "cpu":
         assert args.vllm.sync_backend == "gloo" and args.ds.attn_implementation == "eager"
         assert training.logical_gpus_needed(args) == 2 + (kl > 0) + (algo == "ppo")
@@ -179,7 +183,117 @@ def test_every_recipe_passes_openrlhf_parser(patched, algo, device):
 
 def test_parser_rejects_bad_passthrough(patched):
     recipe = build_recipe("ngrpo", "paper")
-    argv = training.build_openrlhf_argv(recipe, model="m", train_file="t", run_dir="/tmp/x",
-                                        layout=training.Layout.for_device("cpu"), extra=["--no.such.flag", "1"])
+    argv = training.build_openrlhf_argv(recipe, model="m", layout=training.Layout.for_device("cpu"),
+                                        extra=["--no.such.flag", "1"])
     with pytest.raises(SystemExit):
         training.parse_with_openrlhf(argv)
+
+
+# ------------------------------------------------------------------ guards (issue 12): each fails if the behaviour goes
+
+
+def _full_experiences(rewards, lengths, width=6, kl=0.0):
+    """One micro-batch per sample, in prompt order, with every tensor field OpenRLHF's batch helpers use."""
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    out = []
+    for i, (r, n) in enumerate(zip(rewards, lengths)):
+        mask = torch.arange(width).unsqueeze(0) < n
+        out.append(Experience(sequences=torch.zeros(1, width + 2, dtype=torch.long),
+                              attention_mask=torch.ones(1, width + 2, dtype=torch.long), action_mask=mask,
+                              kl=torch.full((1, width), kl) * mask, rewards=torch.tensor([r]),
+                              response_length=torch.tensor([n]), index=[i], info={}))
+    return out
+
+
+def test_clip_fractions_are_counted_at_their_own_bound(patched):
+    from openrlhf.trainer.ray import ppo_actor
+
+    loss_fn = ppo_actor.PolicyLoss(clip_eps_low=0.16, clip_eps_high=0.24)
+    old = torch.zeros(3, 2)
+    # sequence 0: A < 0, ratio 0.5 < 1 - 0.16 (lower bound); 1: A > 0, ratio 1.5 > 1 + 0.24 (upper bound);
+    # 2: A > 0, ratio 0.5 (below the lower bound, but for A > 0 only the upper bound binds)
+    ratio = torch.tensor([[0.5, 0.5], [1.5, 1.0], [0.5, 0.5]])
+    advantages = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [1.0, 1.0]])
+    loss_fn(ratio.log(), old, advantages, torch.ones(3, 2, dtype=torch.bool))
+    fractions = {k: v.item() for k, v in loss_fn.last_clip_fractions.items()}
+    assert fractions == pytest.approx({"clip_frac_low": 2 / 6, "clip_frac_high": 1 / 6})
+
+
+def test_kl_in_reward_and_length_penalties_apply_to_ngrpo_estimators(openrlhf_args, monkeypatch):
+    """Around ngrpo's group step everything is OpenRLHF's: the overlong penalty changes the rewards
+    first, the KL penalty enters the per-token reward."""
+    import copy
+
+    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+
+    args = copy.deepcopy(openrlhf_args)
+    args.rollout.n_samples_per_prompt, args.rollout.max_new_tokens = 2, 6
+    args.reward.overlong_buffer_len, args.reward.overlong_penalty_factor = 4, 1.0
+    _use(monkeypatch, PatchConfig(estimator="ngrpo"))
+    maker = RemoteExperienceMaker(None, None, None, None, FixedKLController(0.5), SimpleNamespace(args=args), None)
+    # both correct, but the second used all 6 tokens: penalty -min(6 - 2, 4) / 4 = -1 -> rewards [1, 0]
+    experiences = maker.compute_advantages_and_returns(_full_experiences([1.0, 1.0], [2, 6], kl=0.2))
+    # NGRPO on [1, 0] with one virtual 1: mean 2/3, std sqrt(1/3) -> A = +0.5774, -1.1547
+    advantage = [1 / 3 / (1 / 3) ** 0.5, -2 / 3 / (1 / 3) ** 0.5]
+    for e, a, n in zip(experiences, advantage, (2, 6)):
+        # return at the first token: A plus the KL penalty -0.5 * 0.2 of every action token
+        assert e.returns[0, 0].item() == pytest.approx(a - 0.5 * 0.2 * n, abs=1e-4)
+        assert e.info["group_reward_std"].tolist() == pytest.approx([2 ** -0.5], abs=1e-6)  # std of [1, 0]
+
+
+def test_w_reinforce_lambda_reaches_the_workers(openrlhf_args, monkeypatch):
+    recipe = build_recipe("w_reinforce", "paper", {"w_reinforce_lambda": 0.5})
+    _use(monkeypatch, training.build_patch_config(recipe, device="cuda", max_steps=None, reward_file="r.py"))
+    advantages = _per_sample(_maker(openrlhf_args).compute_advantages_and_returns(
+        _experiences([[1.0] * 3 + [0.0] * 5] + [[0.0] * 8])))
+    assert advantages == [0.5] * 3 + [-1.0] * 13
+
+
+@pytest.mark.parametrize("estimator, kept", [("psr", [0, 3]), ("nsr", [1, 2, 4, 5, 6, 7])])
+def test_psr_and_nsr_train_only_on_their_class(openrlhf_args, monkeypatch, estimator, kept):
+    import copy
+
+    args = copy.deepcopy(openrlhf_args)
+    args.rollout.n_samples_per_prompt, args.rollout.micro_batch_size = 4, 4
+    _use(monkeypatch, PatchConfig(estimator=estimator))
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    experiences = _maker(args).compute_advantages_and_returns(_full_experiences(rewards, [3] * 8))
+    got = torch.cat([e.rewards for e in experiences]).tolist()
+    assert got == [rewards[i] for i in kept]  # the other class is gone from the batch, not zero-weighted
+    assert all(len(e.sequences) <= 4 for e in experiences)  # re-batched into micro-batches
+    advantages = torch.cat([e.advantages[:, 0] for e in experiences]).tolist()
+    assert advantages == [1.0 if estimator == "psr" else -1.0] * len(kept)
+    assert experiences[0].info["ngrpo/trained_frac"][0].item() == pytest.approx(len(kept) / 8)
+
+
+def test_hooks_without_run_settings_fail_loudly(openrlhf_args, monkeypatch):
+    monkeypatch.setitem(patch_config._active, "config", None)
+    with pytest.raises(RuntimeError, match="runs in process .* without its run settings: NGRPO_PATCH_CONFIG"):
+        _maker(openrlhf_args).compute_advantages_and_returns(_experiences([[1.0, 0.0]]))
+
+
+def test_apply_checks_the_openrlhf_version(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setitem(install._state, "applied", None)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.12.0" if name == "openrlhf" else real(name))
+    with pytest.raises(install.UnsupportedOpenRLHFVersion, match=r"openrlhf 0\.12\.0 is not supported"):
+        install.apply(PatchConfig(estimator="ngrpo"))
+
+
+def test_every_estimator_has_a_recipe_and_every_option_a_flag():
+    """Adding an estimator = a registered function + its recipe + its tests: the rest derives."""
+    import dataclasses
+
+    from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS
+    from pipelines.recipes import ALGO_SETTINGS, ESTIMATOR_CHOICES, Recipe
+
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    assert set(ESTIMATOR_OPTIONS) <= fields
+    for name, est in ESTIMATORS.items():
+        assert name in ESTIMATOR_CHOICES and est.paper and est.summary
+        assert any(s.get("estimator") == name for s in ALGO_SETTINGS.values()), name
+    assert build_recipe("ngrpo").estimator == "ngrpo"

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ngrpo_cli.main import cli
-from pipelines.data import DataError, load_problems, normalise_text, synthetic_arith
+from pipelines.data import DataError, load_problems, normalise_text
 
 
 @pytest.fixture(autouse=True)
@@ -265,25 +265,25 @@ def test_limit_shuffle_seed(shared_data_dir, tmp_path):
 
 def test_synthetic_arith(tmp_path):
     out = tmp_path / "arith.jsonl"
-    result = run("synthetic:arith?n=200&difficulty=1&seed=0", "synthetic:arith?n=50&difficulty=4&seed=3", "-o", out)
+    result = run("synthetic:arith?n=200&level=1&split=test&seed=0", "synthetic:arith?n=50&level=4&seed=3", "-o", out)
     assert result.exit_code == 0, result.output
     recs = read_jsonl(out)
     assert len(recs) == 250
-    easy, hard = recs[:200], recs[200:]
-    assert easy[0] == {"id": "arith-d1-s0/0", "problem": "What is 2 + 0?", "answer": "2", "source": "arith-d1-s0",
-                       "metadata": {"generator": "synthetic:arith", "difficulty": 1, "expression": "2 + 0"}}
-    for r in easy:
+    sums, three_terms = recs[:200], recs[200:]
+    assert {r["source"] for r in sums} == {"arith-L1-test-s0"} and {r["source"] for r in three_terms} == {"arith-L4-train-s3"}
+    assert sums[0]["id"] == "arith-L1-test-s0/0"
+    assert sums[0]["metadata"]["generator"] == "synthetic:arith" and sums[0]["metadata"]["split"] == "test"
+    for r in sums:
         a, b = r["metadata"]["expression"].split(" + ")
-        assert r["problem"] == f"What is {a} + {b}?" and int(r["answer"]) == int(a) + int(b) and int(a) < 10
-    for r in hard:
+        assert a in r["problem"] and int(r["answer"]) == int(a) + int(b) and int(a) < 100 and int(b) < 100
+    assert len({r["metadata"]["expression"] for r in sums}) == 200  # distinct questions within a draw
+    for r in three_terms:
         expr = r["metadata"]["expression"]
-        assert len(expr.split()) == 5  # 3 operands
-        assert int(r["answer"]) == eval(expr)
-    # seeded: the same spec gives the same problems, another seed others
-    assert synthetic_arith(20, 2, 5) == synthetic_arith(20, 2, 5)
-    assert synthetic_arith(20, 2, 5) != synthetic_arith(20, 2, 6)
-    with pytest.raises(DataError):
-        synthetic_arith(10, 0, 0)
+        assert len(expr.split()) == 5 and int(r["answer"]) == eval(expr)
+    for bad in ("synthetic:arith?level=9", "synthetic:arith?split=dev", "synthetic:arith?level=1&mix=study",
+                "synthetic:arith?difficulty=1"):
+        result = run(bad, "-o", tmp_path / "x.jsonl")
+        assert result.exit_code != 0 and bad in result.output
 
 
 def test_load_problems_errors(tmp_path):

@@ -18,10 +18,14 @@ def test_quickstart_runs_every_stage(tmp_path):
     run = out / "runs" / "ngrpo"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
-    warmup = json.loads((out / "warm-model" / "warmup.json").read_text())
-    assert warmup["eval"]["greedy_accuracy"] > 0.0  # the warm-up taught the random model something
-    summary = json.loads((run / "eval" / "summary.json").read_text())
-    assert "heldout" in json.dumps(summary)
+    # before and after RL: the same 64 held-out questions and settings, and the table prints them
+    before = json.loads((out / "eval-before" / "summary.json").read_text())
+    after = json.loads((run / "eval" / "summary.json").read_text())
+    assert before["settings"] | {"model": None, "model_spec": None} == after["settings"] | {"model": None, "model_spec": None}
+    b, a = before["benchmarks"]["heldout"], after["benchmarks"]["heldout"]
+    assert b["problems"] == a["problems"] == 64 and b["samples"] == a["samples"] == 256
+    assert f"| avg@4 | {100 * b['avg@4']:.1f} % | {100 * a['avg@4']:.1f} % |" in proc.stdout
+    assert b["avg@4"] > 0.0, "the warm-up taught the random model nothing: RL would see all-wrong groups only"
     assert (out / "export" / "model.safetensors").exists() and (out / "export" / "README.md").exists()
     report = (out / "report" / "report.md").read_text()
     assert "ngrpo" in report and f"{metrics[-1]['step']}" in report

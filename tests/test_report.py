@@ -290,10 +290,14 @@ def test_empty_and_missing_metrics(tiny_runs, tmp_path):
 
 
 def test_corrupt_metrics_line(tiny_runs, tmp_path):
+    """A damaged line is skipped and named; the steps after it are kept (pipelines.rundir's policy)."""
     run = _bare_copy(tiny_runs, tmp_path)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text(lines[0] + "\n{not json\n" + lines[1] + "\n")
-    assert f"{run / 'metrics.jsonl'} line 2 is not valid JSON" in report_fails(run, "-o", tmp_path / "out")
+    result = CliRunner().invoke(cli, ["report", str(run), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert f"{run / 'metrics.jsonl'}: skipped 1 unreadable line(s) (line 2: invalid JSON" in result.output
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["runs"][0]["steps"] == 2
     # a last line cut off mid-write (a run still training) is ignored
     (run / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
     report_ok(run, "-o", tmp_path / "out")
@@ -307,7 +311,7 @@ def test_corrupt_manifest_and_eval_summary(tiny_runs, tmp_path):
     assert f"{run / 'eval' / 'summary.json'} is not valid JSON" in report_fails(run, "-o", tmp_path / "out")
     (run / "eval" / "summary.json").unlink()
     (run / "ngrpo_run.json").write_text("")
-    assert f"{run / 'ngrpo_run.json'} is not valid JSON" in report_fails(run, "-o", tmp_path / "out")
+    assert f"{run / 'ngrpo_run.json'} is not a readable run manifest" in report_fails(run, "-o", tmp_path / "out")
 
 
 def test_usage_errors(tiny_runs, tmp_path):

@@ -271,12 +271,12 @@ def test_killed_worker_counts_as_failure_without_waiting_for_the_timeout():
 
     R.configure(timeout=60.0, workers=1)
     try:
-        R.grade(r"\boxed{\frac{1}{2}}", "0.5")  # start the worker
+        R.grade_many([r"\boxed{\frac{1}{2}}"], ["0.5"], quick=False)  # start the worker (quick=False: not from the cache)
         out = {}
         t = threading.Thread(target=lambda: out.setdefault("r", R.grade(r"\boxed{10^{10^{10}}}", "2", timeout=60)))
         t.start()
         time.sleep(1.0)
-        workers = [p for p in psutil.Process().children() if "__ngrpo_grader_worker__" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 1
         start = time.monotonic()
         workers[0].kill()

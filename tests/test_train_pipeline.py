@@ -48,6 +48,12 @@ def ngrpo_cli(*args, log):
     return proc.stdout + proc.stderr
 
 
+def _full_log(entry):
+    """What the CLI printed, then every launch's full log (RUN_DIR/logs/: Ray, vLLM, DeepSpeed, workers)."""
+    launches = sorted((entry["run"] / "logs").glob("launch-*.log"), key=lambda p: int(p.stem.split("-")[1]))
+    return entry["log"].read_text() + "".join(p.read_text() for p in launches)
+
+
 def _seen(reward_dir):
     return [json.loads(line) for line in (reward_dir / "seen_prompts.jsonl").read_text().splitlines()]
 
@@ -99,7 +105,7 @@ def test_ngrpo_run_writes_checkpoints_final_model_and_log(runs):
     assert [m["step"] for m in metrics] == [1, 2]
     manifest = json.loads((run / "ngrpo_run.json").read_text())
     assert (manifest["status"], manifest["global_step"], manifest["algo"]) == ("finished", 2, "ngrpo")
-    log = runs["ngrpo"]["log"].read_text()
+    log = _full_log(runs["ngrpo"])
     assert "[ngrpo] step 1: reward 0.0000 accuracy 0.0000 all-wrong groups 1.000" in log
     assert "[ngrpo] step 2: reward 0.0000 accuracy 0.0000 all-wrong groups 1.000" in log
 
@@ -107,7 +113,7 @@ def test_ngrpo_run_writes_checkpoints_final_model_and_log(runs):
 def test_patch_is_active_in_the_workers(runs):
     """The advantages of the metrics were computed by the patch inside the PPOTrainer actor, and the
     loss statistics by the patched loss inside PolicyModelActor."""
-    log = runs["ngrpo"]["log"].read_text()
+    log = _full_log(runs["ngrpo"])
     workers = {line.split("pid ")[1].split(":")[0] for line in log.splitlines() if "patch active in ray-worker" in line}
     assert len(workers) >= 3  # PPOTrainer, PolicyModelActor, vLLM engine (per launch)
     for m in _metrics(runs["ngrpo"]["run"]):
@@ -166,7 +172,7 @@ def test_resume_continues_with_unseen_prompts_in_the_same_order(runs):
     # order does not depend on the algorithm).
     uninterrupted = _seen(b["reward"])
     assert set(uninterrupted[: 4 * G]) == set(phase1) and set(uninterrupted[4 * G:]) == set(phase2)
-    log = a["log"].read_text()
+    log = _full_log(a)
     assert "resuming" in log and "[ngrpo] step 2:" in log
 
 
@@ -179,7 +185,7 @@ def test_an_actor_started_by_openrlhf_launcher_reports_the_patch(tmp_path):
     from openrlhf_patch.config import PatchConfig
     from openrlhf_patch.cpu_mode import cpu_env
 
-    config = PatchConfig(estimator="ngrpo", virtual_samples=2, device="cpu")
+    config = PatchConfig(estimator="ngrpo", estimator_options={"virtual_samples": 2}, device="cpu")
     install.apply(config, role="test-driver")
     from openrlhf.trainer.ray.launcher import RayActorGroup
     from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
@@ -192,7 +198,7 @@ def test_an_actor_started_by_openrlhf_launcher_reports_the_patch(tmp_path):
         from openrlhf_patch import install as _install
 
         cfg = _install.active_config()
-        return {"pid": _os.getpid(), "estimator": cfg.estimator, "K": cfg.virtual_samples,
+        return {"pid": _os.getpid(), "estimator": cfg.estimator, "K": cfg.estimator_options["virtual_samples"],
                 "loss": ppo_actor.PolicyLoss.__name__,
                 "advantages_patched": getattr(RemoteExperienceMaker.compute_advantages_and_returns, "_ngrpo", False)}
 

@@ -5,29 +5,49 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipelines.prompts import build_prompt
+from pipelines import arith
 from pipelines.grading import extract_boxed
-from pipelines.warmup import (arith_problems, exact_match, heldout_problems, sft_loss, sft_records)
+from pipelines.prompts import build_prompt
+from pipelines.warmup import sft_records, warmup_problems
 
-SHORT_RUN = ["--problems", "320", "--epochs", "1", "--seed", "0", "--quiet", "--eval", "20"]
+SHORT_RUN = ["--problems", "320", "--epochs", "1", "--seed", "0", "--eval", "20"]
 SHORT_STEPS = 320 // 32
 
 
+def sft_loss(model_dir, rows, max_len: int = 160) -> float:
+    """Mean per-token NLL of the responses given the prompts (the SFT objective), with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            prompt_ids = tok(row["input"], add_special_tokens=False)["input_ids"]
+            ids = tok(row["input"] + row["output"], add_special_tokens=False)["input_ids"][:max_len]
+            labels = list(ids)
+            labels[:len(prompt_ids)] = [-100] * len(prompt_ids)
+            out = model(torch.tensor([ids]), labels=torch.tensor([labels]))
+            n = sum(1 for x in labels[1:] if x != -100)
+            nll += out.loss.item() * n
+            count += n
+    return nll / max(count, 1)
+
+
 def test_sft_rows_use_the_rl_prompt_and_end_in_the_boxed_answer():
-    problems = arith_problems(50, seed=3)
+    problems = warmup_problems(50, seed=3)
     rows = sft_records(problems)
     assert len(rows) == 50
     for p, row in zip(problems, rows):
-        assert row["input"] == build_prompt(p["question"])
-        assert row["output"].endswith(f"\\boxed{{{p['answer']}}}.<|im_end|>")
-        assert exact_match(row["output"], p["answer"])
-    assert [p["question"] for p in arith_problems(50, seed=3)] == [p["question"] for p in problems]
+        assert row["input"] == build_prompt(p["problem"])
+        assert row["output"] == f"{p['expression']} = {p['answer']}. The answer is \\boxed{{{p['answer']}}}.<|im_end|>"
+        assert extract_boxed(row["output"]) == p["answer"]
+    assert [p["problem"] for p in warmup_problems(50, seed=3)] == [p["problem"] for p in problems]
 
 
-def test_heldout_problems_are_a_different_draw_of_the_same_generator():
-    train = [p["question"] for p in arith_problems(20, seed=0)]
-    held = [p["question"] for p in heldout_problems(20, seed=0)]
-    assert held != train and all(q.startswith("What is ") for q in train + held)
+def test_warmup_questions_come_from_the_warmup_split_only():
+    assert {arith.split_of(p["expression"]) for p in warmup_problems(500, seed=0)} == {"warmup"}
 
 
 def test_openrlhf_sft_dataset_reads_the_rows_as_written():
@@ -35,26 +55,8 @@ def test_openrlhf_sft_dataset_reads_the_rows_as_written():
     prompt and the response verbatim (what warmup's flags select)."""
     from openrlhf.datasets.sft_dataset import preprocess_data
 
-    row = sft_records(arith_problems(1, seed=1))[0]
+    row = sft_records(warmup_problems(1, seed=1))[0]
     assert preprocess_data(row, "{}", "input", "output", apply_chat_template=None) == (row["input"], row["output"])
-
-
-@pytest.mark.parametrize("text, answer, ok", [
-    ("3 + 4 = 7. The answer is \\boxed{7}.", "7", True),
-    ("\\boxed{6} no, \\boxed{7}", "7", True),
-    ("\\boxed{7} no, \\boxed{6}", "7", False),
-    ("The answer is 7.", "7", False),
-    ("\\boxed{ 1 7 }", "17", True),
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", True),
-    ("\\boxed{7", "7", False),
-])
-def test_exact_match_compares_the_last_boxed_answer(text, answer, ok):
-    assert exact_match(text, answer) is ok
-
-
-def test_last_boxed_handles_nested_braces():
-    assert extract_boxed("x \\boxed{\\frac{3}{4}} y") == "\\frac{3}{4}"
-    assert extract_boxed("nothing") is None
 
 
 def test_cli_refuses_to_overwrite_a_model(tmp_path, tiny_model_dir):
@@ -88,7 +90,7 @@ def test_warmup_writes_a_loadable_hf_model_folder(warmed, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, output = warmed
-    assert "held-out accuracy on 20 problems" in output
+    assert "test-split accuracy on 20 problems: greedy" in output
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json"):
         assert (out / name).is_file(), name
@@ -131,4 +133,7 @@ def test_warmup_lowers_the_training_loss(warmed, tiny_model_dir):
     losses = summary["gpt_loss"]  # OpenRLHF's own logged per-step loss (TensorBoard)
     assert len(losses) == SHORT_STEPS
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
-    assert "greedy_accuracy" in summary["eval"]
+    # the accuracy line is `ngrpo eval`'s own summary of 20 greedy answers on the test split
+    greedy = json.loads((out.parent / "model_warmup_work" / "eval" / "greedy" / "summary.json").read_text())
+    assert summary["eval"] == {"n_problems": 20, "greedy_accuracy": greedy["benchmarks"]["heldout"]["avg@1"]}
+    assert greedy["settings"]["temperature"] == 0.0 and greedy["benchmarks"]["heldout"]["problems"] == 20
