@@ -23,6 +23,7 @@ from typing import List, Optional
 
 from openrlhf_patch.config import PatchConfig
 from openrlhf_patch.hooks import PATCHED_ESTIMATORS
+from pipelines import gpu_run
 from pipelines.prompts import build_prompt
 
 MANIFEST = "ngrpo_run.json"
@@ -159,6 +160,9 @@ def build_openrlhf_argv(recipe: dict, *, model: str, train_file: str, run_dir: s
     elif layout.colocate:
         flags += ["--train.colocate_all", "--vllm.enable_sleep", "--ds.enable_sleep"]
         argv["--vllm.gpu_memory_utilization"] = layout.vllm_gpu_memory_utilization
+    # --- GPU without a usable flash-attn (the default GPU install): sdpa (pipelines/gpu_run.py) ---
+    if layout.device != "cpu" and not gpu_run.flash_attn_usable():
+        argv["--ds.attn_implementation"] = "sdpa"
 
     out = []
     for key, value in argv.items():
@@ -267,6 +271,9 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
         # read by the reward file inside the rollout actors (pipelines/reward.py)
         "NGRPO_ANSWER_EXTRACTION": patch_config.answer_extraction,
     }
+    # --- GPU: torch asks NVML, not the CUDA driver, before Ray sets CUDA_VISIBLE_DEVICES (gpu_run.py) ---
+    if patch_config.device != "cpu":
+        env.update(gpu_run.GPU_WORKER_ENV)
     init_kwargs = {}
     if patch_config.device == "cpu":
         from openrlhf_patch import cpu_mode
