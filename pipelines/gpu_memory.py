@@ -74,6 +74,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -460,12 +461,32 @@ def setup_from_openrlhf_args(args) -> RunSetup:
     )
 
 
+def gpu_total_gib() -> float:
+    """Memory of this machine's GPU 0, read through NVML or nvidia-smi: asking torch would create a
+    CUDA context in the driver process, which would then hold GPU memory for the whole run."""
+    try:
+        import pynvml  # nvidia-ml-py, a vLLM dependency
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / GIB
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=60, check=True)
+        return float(out.stdout.split()[0]) / 1024  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        raise GpuMemoryError("cannot read the GPU memory size here (no NVML, no nvidia-smi): give it as gpu_gib, "
+                             "e.g. 79.6 for an 80 GB H100") from None
+
+
 def check_openrlhf_args(args, gpu_gib: Optional[float] = None) -> FitReport:
-    """The fit of a parsed OpenRLHF command line on this machine's GPUs (device 0's size unless
+    """The fit of a parsed OpenRLHF command line on this machine's GPUs (GPU 0's size unless
     `gpu_gib` is given); the model's shape comes from its config.json."""
     if gpu_gib is None:
-        import torch
-
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+        gpu_gib = gpu_total_gib()
     shape = ModelShape.from_model_dir(args.actor.model_name_or_path)
     return check_fit(shape, setup_from_openrlhf_args(args), gpu_gib)

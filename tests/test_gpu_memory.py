@@ -164,3 +164,26 @@ def test_setup_from_parsed_openrlhf_args_and_config_file(tmp_path):
               algo=ns(kl=ns(init_coef=0)), critic=ns(model_name_or_path=None))
     report = gm.check_openrlhf_args(args, gpu_gib=80)
     assert report.fits and report.estimate.phases["train actor"] == pytest.approx(44.05921, abs=1e-4)
+
+
+def test_gpu_size_without_nvml_or_nvidia_smi_names_what_to_pass(monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+
+    def no_nvidia_smi(*args, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(subprocess, "run", no_nvidia_smi)
+    with pytest.raises(gm.GpuMemoryError, match="give it as gpu_gib"):
+        gm.gpu_total_gib()
+
+
+def test_gpu_size_from_nvidia_smi(monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="81559\n"))
+    assert gm.gpu_total_gib() == pytest.approx(81559 / 1024)  # an H100 80GB: 79.65 GiB
