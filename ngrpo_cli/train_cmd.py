@@ -119,6 +119,8 @@ def _load_yaml_config(path):
 @click.option("--max-dropped-groups", type=click.IntRange(min=1), default=512,
               help="Stop the run when the group filter drops this many groups in a row (the reward never gives "
                    "the groups the filter keeps).")
+@click.option("--gpu-memory", type=click.FloatRange(min=1), default=None, metavar="GIB",
+              help="GPU size for the memory check of a GPU run (GiB per GPU).  [default: this machine's GPU 0]")
 @click.option("--dry-run", is_flag=True, help="Check everything, print the OpenRLHF command line, and exit.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Also show the Ray, vLLM and DeepSpeed output live (it always goes to RUN_DIR/logs/).")
@@ -126,8 +128,7 @@ def _load_yaml_config(path):
 @click.argument("openrlhf_args", nargs=-1, type=click.UNPROCESSED)
 def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, device, max_steps, save_steps,
           keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, overwrite,
-          max_dropped_groups,
-          nodes, gpus_per_node,
+          max_dropped_groups, gpu_memory, nodes, gpus_per_node,
           vllm_engines, vllm_tp, colocate, dry_run, verbose, openrlhf_args, **recipe_flags):
     """Train MODEL on DATA with NGRPO or a baseline, through OpenRLHF.
 
@@ -146,6 +147,8 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
                       gpus_per_node,
                       vllm_engines, vllm_tp, colocate, openrlhf_args, recipe_flags)
     plan["patch_config"] = dataclasses.replace(plan["patch_config"], max_consecutive_dropped_groups=max_dropped_groups)
+    if plan["device"] == "cuda":
+        _check_gpu_memory(plan, gpu_memory, dry_run)
     if dry_run:
         from pipelines import training
 
@@ -201,11 +204,15 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
                                         keep_checkpoints=keep_checkpoints or (2 if device == "cpu" else 3),
                                         eval_every=eval_every, extra=openrlhf_args)
     run_path = Path(run_dir or "ngrpo-dry-run").resolve()
+    if device == "cuda" and recipe.packing and not training.gpu_run.flash_attn_usable():
+        raise click.UsageError("--packing needs flash-attn built for the installed torch (none is usable here); "
+                               "leave it out to train with sdpa attention and padded micro-batches")
     try:
-        training.parse_with_openrlhf(training.materialise_argv(argv, run_path))
+        args = training.parse_with_openrlhf(training.materialise_argv(argv, run_path))
     except (SystemExit, AssertionError) as err:
         raise click.ClickException(f"OpenRLHF rejected this command line: {err}")
     return {"recipe": recipe, "resolved": resolved, "model": model, "algo": algo, "preset": preset, "device": device,
+            "openrlhf_args": args,
             "layout": layout, "argv": argv, "run_path": run_path, "problems": problems, "eval_problems": eval_problems,
             "data_path": data_path, "eval_data": eval_data, "eval_every": eval_every, "max_steps": max_steps,
             "patch_config": training.build_patch_config(recipe, device=device, max_steps=max_steps,
@@ -225,6 +232,28 @@ def _validation_problems(specs: str, data_dir) -> list:
                             "other --eval-data, or --eval-every 0 to train without validation)") from None
         out += [{**r, "source": name} for r in records]
     return out
+
+
+def _check_gpu_memory(plan, gpu_gib, dry_run):
+    """The GPU memory estimate of the layout (pipelines/gpu_memory.py): shown, and a layout that cannot
+    fit refused with the numbers and what to change."""
+    from transformers import AutoConfig
+
+    from pipelines import gpu_memory
+
+    if gpu_gib is None:
+        try:
+            gpu_gib = gpu_memory.gpu_total_gib()
+        except gpu_memory.GpuMemoryError:
+            if not dry_run:
+                raise
+            gpu_gib = 80.0
+            click.echo("no GPU here: the memory check assumes 80 GiB GPUs (--gpu-memory to choose)", err=True)
+    shape = gpu_memory.ModelShape.from_config(AutoConfig.from_pretrained(plan["resolved"].path).to_dict())
+    report = gpu_memory.check_fit(shape, gpu_memory.setup_from_openrlhf_args(plan["openrlhf_args"]), gpu_gib)
+    if not report.fits:
+        raise click.ClickException(report.message)
+    click.echo(report.message, err=True)
 
 
 def _check_prompt_lengths(problems, model_path, max_prompt_len, long_prompts, data_path):

@@ -15,6 +15,8 @@
    `generate_samples` stops cleanly after `max_steps` training steps.
 4. Logging (inside PPOTrainer): `RunLogger` (OpenRLHF's TensorboardLogger plus metrics.jsonl,
    eval_metrics.jsonl and a progress line per step).
+5. Optimizer (inside PolicyModelActor and CriticModelActor): where DeepSpeed's FusedAdam cannot be
+   compiled (on CPU, and on a GPU node without nvcc), DeepSpeed is told to use torch's AdamW.
 
 Only plain classes are patched. A @ray.remote class (PPOTrainer, PolicyModelActor) is shipped to
 the workers with its own copies of every inherited method, taken when the class is decorated, so
@@ -371,3 +373,36 @@ def make_run_logger_class(upstream_cls):
                 _append_jsonl(self.run_dir, "eval_metrics.jsonl", global_step, dict(_scalar_items(logs_dict)))
 
     return RunLogger
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Optimizer: torch's AdamW where FusedAdam cannot be compiled
+# ---------------------------------------------------------------------------------------------
+def fused_adam_buildable(device: str) -> bool:
+    """DeepSpeed compiles FusedAdam at first use: CUDA needs nvcc; on CPU ngrpo never asks for it
+    (a C++ build at every fresh environment's first step, for an optimizer no faster here)."""
+    import shutil
+
+    if device == "cpu":
+        return False
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or ""
+    return bool(shutil.which("nvcc") or (cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))))
+
+
+def wrap_train_ds_config(upstream):
+    """OpenRLHF's get_train_ds_config, with DeepSpeed's `torch_adam` set for Adam when FusedAdam
+    cannot be built here: the same AdamW update (betas, eps, weight decay) by torch.optim.AdamW."""
+    if getattr(upstream, "_ngrpo", False):
+        return upstream
+
+    @functools.wraps(upstream)
+    def get_train_ds_config(*args, **kwargs):
+        config = upstream(*args, **kwargs)
+        optimizer = config.get("optimizer")
+        if optimizer and str(optimizer.get("type", "")).lower() in ("adam", "adamw") and \
+                not fused_adam_buildable(active().device):
+            optimizer.setdefault("params", {})["torch_adam"] = True
+        return config
+
+    get_train_ds_config._ngrpo = True
+    return get_train_ds_config

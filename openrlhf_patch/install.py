@@ -24,6 +24,10 @@ class UnsupportedOpenRLHFVersion(RuntimeError):
     pass
 
 
+class CudaInitialisedInHook(RuntimeError):
+    pass
+
+
 def check_openrlhf_version(version=None) -> str:
     if version is None:
         from importlib.metadata import PackageNotFoundError, version as dist_version
@@ -80,6 +84,10 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
     generator.generate_samples = hooks.wrap_generate_samples(generator.generate_samples)
     if not getattr(generator._generate_vllm, "_ngrpo", False):
         generator._generate_vllm = hooks.make_generate_vllm()
+    # DeepspeedStrategy builds its DeepSpeed config from the name imported into its module.
+    from openrlhf.utils.deepspeed import deepspeed as ds_strategy
+
+    ds_strategy.get_train_ds_config = hooks.wrap_train_ds_config(ds_strategy.get_train_ds_config)
 
     _state["applied"] = config
     print(
@@ -113,7 +121,25 @@ def worker_setup() -> None:
             # is checkpointed).
             import torch
 
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.seed)  # lazy for CUDA: queued until CUDA is initialised
+        check_cuda_uninitialised()
+
+
+def check_cuda_uninitialised() -> None:
+    """The hook must leave CUDA alone: Ray runs it before it sets CUDA_VISIBLE_DEVICES, so a CUDA
+    context made here would see (and could allocate on) every GPU of the node, and the worker
+    would keep that view for good."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        raise CudaInitialisedInHook(
+            "ngrpo's Ray worker hook (openrlhf_patch.install.worker_setup) initialised CUDA, before Ray set "
+            "CUDA_VISIBLE_DEVICES for this worker. Something that openrlhf_patch.install.apply() imports or runs "
+            "made a CUDA call (a tensor on cuda, torch.cuda.current_device(), a CUDA RNG seed): move it out of the "
+            "hook, into code that runs inside the Ray actor. GPU runs also need PYTORCH_NVML_BASED_CUDA_CHECK=1 "
+            "in the Ray runtime env (pipelines.gpu_run.GPU_WORKER_ENV), so that torch.cuda.is_available() does not "
+            "initialise the CUDA driver either."
+        )
 
 
 def active_config():

@@ -32,6 +32,7 @@ SYMBOLS = (
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._process_response_into_experience",
            "called"),
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "_collect_prompt_batch", "called"),
+    Symbol("openrlhf.utils.deepspeed.deepspeed", "get_train_ds_config", "wrapped"),
     # openrlhf_patch/cpu_mode.py
     Symbol("openrlhf.utils.distributed_util", "stateless_init_process_group", "replaced"),
     Symbol("openrlhf.trainer.ray.ppo_actor", "stateless_init_process_group", "replaced"),

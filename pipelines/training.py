@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS
 from openrlhf_patch.config import PatchConfig
-from pipelines import rundir
+from pipelines import gpu_memory, gpu_run, rundir
 from pipelines.prompts import build_prompt
 from pipelines.recipes import Recipe
 
@@ -142,12 +142,12 @@ def build_openrlhf_argv(recipe: Recipe, *, model: str, layout: Layout, save_step
         argv["--reward.overlong_penalty_factor"] = 1.0
     if r.gradient_checkpointing:
         flags.append("--actor.gradient_checkpointing_enable")
-    if r.packing:
-        flags.append("--ds.packing_samples")
-    if r.max_tokens_per_gpu:
-        flags.append("--train.dynamic_batch_enable")
-        argv["--train.max_tokens_per_gpu"] = r.max_tokens_per_gpu
-        argv["--rollout.max_tokens_per_gpu"] = r.max_tokens_per_gpu
+    packing = r.packing if r.packing is not None else (layout.device != "cpu" and gpu_run.flash_attn_usable())
+    if packing:
+        # OpenRLHF packs with flash-attention's varlen kernels; dynamic batching by tokens per GPU.
+        tokens = r.max_tokens_per_gpu or gpu_memory.DEFAULT_MAX_TOKENS_PER_GPU
+        flags += ["--ds.packing_samples", "--train.dynamic_batch_enable"]
+        argv.update({"--train.max_tokens_per_gpu": tokens, "--rollout.max_tokens_per_gpu": tokens})
     if eval_every:
         # greedy, one answer per problem, as the NGRPO authors validate
         argv.update({"--eval.dataset": f"{run}/{rundir.EVAL_DATA}", "--eval.steps": eval_every,
@@ -157,9 +157,13 @@ def build_openrlhf_argv(recipe: Recipe, *, model: str, layout: Layout, save_step
         argv["--ds.attn_implementation"] = "eager"
         argv["--vllm.sync_backend"] = "gloo"
         flags.append("--vllm.enforce_eager")
-    elif layout.colocate:
-        flags += ["--train.colocate_all", "--vllm.enable_sleep", "--ds.enable_sleep"]
-        argv["--vllm.gpu_memory_utilization"] = layout.vllm_gpu_memory_utilization
+    else:
+        # flash-attention where a wheel matching the installed torch exists, else PyTorch's sdpa
+        argv["--ds.attn_implementation"] = "flash_attention_2" if gpu_run.flash_attn_usable() else "sdpa"
+        flags.append("--vllm.enforce_eager")  # as OpenRLHF's examples with sleep mode: no CUDA graphs
+        if layout.colocate:
+            flags += ["--train.colocate_all", "--vllm.enable_sleep", "--ds.enable_sleep"]
+            argv["--vllm.gpu_memory_utilization"] = layout.vllm_gpu_memory_utilization
 
     out = []
     for key, value in argv.items():
@@ -302,12 +306,12 @@ def ray_init_kwargs(patch_config: PatchConfig, args) -> dict:
         if address == "local":
             gpus = logical_gpus_needed(args)  # logical GPUs: Ray places OpenRLHF's actors by them
             kwargs.update(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 2 * gpus + 2))
-    if address == "local":
-        kwargs["include_dashboard"] = False  # a private instance: its dashboard costs seconds and memory
     else:
         # Ray runs the worker hook before it sets CUDA_VISIBLE_DEVICES: CUDA must not be
-        # initialised then, or every actor lands on GPU 0 (see openrlhf_patch/install.py).
-        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+        # initialised then, or every actor lands on GPU 0 (pipelines/gpu_run.py).
+        env.update(gpu_run.GPU_WORKER_ENV)
+    if address == "local":
+        kwargs["include_dashboard"] = False  # a private instance: its dashboard costs seconds and memory
     return kwargs
 
 
