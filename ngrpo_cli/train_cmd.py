@@ -284,12 +284,14 @@ def _launch(plan, overwrite, verbose):
     from pipelines import rundir, training
 
     run_path = plan["run_path"]
+    # an earlier run's status before this process holds the lock (held, it would read as running)
+    earlier = rundir.effective_status(run_path) if rundir.is_run_dir(run_path) else None
     try:
         lock = rundir.RunLock(run_path).acquire()
     except rundir.RunDirBusy as err:
         raise click.ClickException(str(err))
     try:
-        _clear_earlier_run(run_path, overwrite)
+        _clear_earlier_run(run_path, overwrite, earlier)
         training.write_training_file(plan["problems"], run_path / rundir.TRAIN_DATA)
         if plan["eval_problems"]:
             training.write_training_file(plan["eval_problems"], run_path / rundir.EVAL_DATA)
@@ -311,17 +313,16 @@ def _launch(plan, overwrite, verbose):
     click.echo(f"finished after {manifest['global_step']} steps; final model: {run_path / rundir.FINAL_MODEL}")
 
 
-def _clear_earlier_run(run_path: Path, overwrite: bool) -> None:
-    """An earlier run in RUN_PATH: a finished one, or one with checkpoints, needs --overwrite (or
-    --resume); one that failed or was stopped before its first checkpoint is replaced."""
+def _clear_earlier_run(run_path: Path, overwrite: bool, status: str) -> None:
+    """An earlier run in RUN_PATH (its effective STATUS): a finished one, or one with checkpoints,
+    needs --overwrite (or --resume); one that failed or was stopped before its first checkpoint is
+    replaced."""
     import shutil
 
     from pipelines import rundir
 
     if not rundir.is_run_dir(run_path):
         return
-    manifest = rundir.read_manifest(run_path)
-    status = rundir.effective_status(run_path, manifest)
     has_checkpoint = rundir.checkpoint_step(run_path) > 0
     if not overwrite and (status == "finished" or has_checkpoint):
         raise click.ClickException(
@@ -352,6 +353,7 @@ def _resume(run_dir, max_steps, verbose):
     run_path = Path(run_dir).resolve()
     try:
         manifest = rundir.read_manifest(run_path)
+        status = rundir.effective_status(run_path, manifest)  # before this process holds the lock
         lock = rundir.RunLock(run_path).acquire()
     except rundir.RunDirError as err:
         raise click.ClickException(str(err))
@@ -363,7 +365,6 @@ def _resume(run_dir, max_steps, verbose):
         if manifest.get("max_steps") is not None and done >= manifest["max_steps"]:
             raise click.ClickException(f"{run_path} already has {done} steps (--max-steps {manifest['max_steps']}): "
                                        "pass a larger --max-steps to train on")
-        status = rundir.effective_status(run_path, manifest)
         click.echo(f"resuming {run_path} ({status}) from step {rundir.checkpoint_step(run_path)}", err=True)
         manifest = _execute(run_path, manifest, resume=True, verbose=verbose)
     finally:

@@ -39,7 +39,7 @@ LEVELS = {
 }
 # Named mixtures of levels: {level: share of the problems}.
 MIXES = {
-    "study": {1: 0.5, 2: 0.3, 4: 0.2},
+    "study": {1: 0.5, 2: 0.5},
 }
 
 
@@ -56,20 +56,25 @@ def _expression(level: Level, rng: random.Random) -> str:
     return expr
 
 
+# Draws in a row that find only questions already drawn before repeats are allowed: the split's
+# unseen questions are then about used up (a level's split holds thousands).
+MAX_SEEN_IN_A_ROW = 200
+
+
 def _draw(level_id: int, n: int, split: str, rng: random.Random, seen: set) -> List[dict]:
     """N problems of one level; SEEN (shared by the levels of a mix: a + b is in levels 1 and 2)
-    keeps them distinct while the split of the level has room."""
+    keeps them distinct until the split's unseen questions run out."""
     level = LEVELS[level_id]
-    capacity = level.size * (SPLITS[split][1] - SPLITS[split][0]) // 100  # about; the hash decides exactly
-    out, own = [], 0
+    out, seen_in_a_row = [], 0
     while len(out) < n:
         expr = _expression(level, rng)
         if split_of(expr) != split:
             continue
-        if expr in seen and own < 0.9 * capacity:
+        if expr in seen and seen_in_a_row < MAX_SEEN_IN_A_ROW:
+            seen_in_a_row += 1
             continue
+        seen_in_a_row = 0
         seen.add(expr)
-        own += 1
         value = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - digits and + - * only
         out.append({"problem": rng.choice(TEMPLATES).format(e=expr), "answer": str(value), "level": level_id,
                     "expression": expr})
@@ -102,6 +107,60 @@ def problems(n: int, *, level: Optional[int] = None, mix: Optional[str] = None, 
     return rows
 
 
+def _digits(n: int, width: int) -> List[int]:
+    return [(n // 10 ** i) % 10 for i in range(width)]  # units first
+
+
+def _column_add(p: int, q: int) -> str:
+    """Column addition of two non-negative numbers, units first, the carry written out:
+    "7 + 5 = 12, 3 + 8 + 1 = 12, so 37 + 85 = 122"."""
+    width = max(len(str(p)), len(str(q)))
+    steps, carry = [], 0
+    for a, b in zip(_digits(p, width), _digits(q, width)):
+        total = a + b + carry
+        steps.append(f"{a} + {b}" + (" + 1" if carry else "") + f" = {total}")
+        carry = total // 10
+    return f"{', '.join(steps)}, so {p} + {q} = {p + q}"
+
+
+def _column_subtract(p: int, q: int) -> str:
+    """Column subtraction p - q for p >= q >= 0, units first, a borrow written as "1x - 1":
+    "15 - 7 = 8, 8 - 1 - 3 = 4, so 85 - 37 = 48"."""
+    steps, borrow = [], 0
+    for a, b in zip(_digits(p, len(str(p))), _digits(q, len(str(p)))):
+        top = f"{a}" + (" - 1" if borrow else "")
+        borrow = 1 if a - borrow < b else 0
+        top = f"1{top}" if borrow else top
+        steps.append(f"{top} - {b} = {a + 10 * borrow - (1 if top.endswith(' - 1') else 0) - b}")
+    return f"{', '.join(steps)}, so {p} - {q} = {p - q}"
+
+
+def _step(x: int, op: str, y: int) -> str:
+    """One operation of a left-to-right evaluation, worked in columns (y >= 0)."""
+    if op == "+" and x >= 0:
+        return _column_add(x, y)
+    if op == "-" and x >= y:
+        return _column_subtract(x, y)
+    if op == "-" and x >= 0:  # x < y
+        return f"{x} - {y} = -({y} - {x}): {_column_subtract(y, x)}, so {x} - {y} = {x - y}"
+    if op == "+":  # x < 0
+        if y >= -x:
+            return f"{x} + {y} = {y} - {-x}: {_column_subtract(y, -x)}"
+        return f"{x} + {y} = -({-x} - {y}): {_column_subtract(-x, y)}, so {x} + {y} = {x + y}"
+    return f"{x} - {y} = -({-x} + {y}): {_column_add(-x, y)}, so {x} - {y} = {x - y}"  # x < 0
+
+
 def solution_text(expression: str, answer: str) -> str:
-    """One line of work, then the boxed answer: "37 + 85 = 122. The answer is \\boxed{122}."."""
-    return f"{expression} = {answer}. The answer is \\boxed{{{answer}}}."
+    """The worked answer the warm-up teaches, then the boxed answer. Sums and differences are
+    worked digit by digit in columns, left to right, each step a one-digit fact, so what is learned
+    carries over to questions never seen; an expression with * gets one line."""
+    tokens = expression.split()
+    if "*" in tokens:
+        return f"{expression} = {answer}. The answer is \\boxed{{{answer}}}."
+    value, steps = int(tokens[0]), []
+    for op, operand in zip(tokens[1::2], tokens[2::2]):
+        steps.append(_step(value, op, int(operand)))
+        value = value + int(operand) if op == "+" else value - int(operand)
+    if str(value) != str(answer):
+        raise ValueError(f"worked {expression} = {value}, but the answer is {answer}")
+    return f"{'. '.join(steps)}. The answer is \\boxed{{{answer}}}."

@@ -59,7 +59,7 @@ def find_run_dir(path, levels: int = 3) -> Optional[Path]:
 def read_manifest(run_dir) -> dict:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
-        raise RunDirError(f"{run_dir} is not an ngrpo run directory: {MANIFEST} is missing")
+        raise RunDirError(f"{run_dir} is not an ngrpo run directory: {path} is missing")
     try:
         manifest = json.loads(path.read_text())
     except ValueError as err:

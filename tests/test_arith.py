@@ -61,3 +61,31 @@ def test_mix_shares():
     counts = {lv: sum(1 for r in rows if r["level"] == lv) for lv in arith.MIXES["study"]}
     assert counts == {lv: round(1000 * share) for lv, share in arith.MIXES["study"].items()}
     assert [r["id"] for r in rows] == [str(i) for i in range(1000)]
+
+
+@pytest.mark.parametrize("expression, text", [
+    ("37 + 85", "7 + 5 = 12, 3 + 8 + 1 = 12, so 37 + 85 = 122. The answer is \\boxed{122}."),
+    ("85 - 37", "15 - 7 = 8, 8 - 1 - 3 = 4, so 85 - 37 = 48. The answer is \\boxed{48}."),
+    ("37 - 85", "37 - 85 = -(85 - 37): 15 - 7 = 8, 8 - 1 - 3 = 4, so 85 - 37 = 48, so 37 - 85 = -48. "
+                "The answer is \\boxed{-48}."),
+    ("7 + 85", "7 + 5 = 12, 0 + 8 + 1 = 9, so 7 + 85 = 92. The answer is \\boxed{92}."),
+    ("5 - 90 + 99", "5 - 90 = -(90 - 5): 10 - 5 = 5, 9 - 1 - 0 = 8, so 90 - 5 = 85, so 5 - 90 = -85. "
+                    "-85 + 99 = 99 - 85: 9 - 5 = 4, 9 - 8 = 1, so 99 - 85 = 14. The answer is \\boxed{14}."),
+])
+def test_worked_solutions(expression, text):
+    assert arith.solution_text(expression, str(eval(expression))) == text
+
+
+def test_every_written_step_is_right():
+    """Each 'a + b (+ 1) = c' and 'a (- 1) - b = c' a worked solution writes is true arithmetic."""
+    import re
+
+    step = re.compile(r"(-?\d+(?: [+-] -?\d+)+) = (-?\d+)(?=[,.:]| so)")
+    checked = 0
+    for p in arith.problems(3000, mix="study", split="warmup", seed=4):
+        text = arith.solution_text(p["expression"], p["answer"])
+        for lhs, rhs in step.findall(text.replace("-(", "(")):
+            if "(" not in lhs:
+                assert eval(lhs) == int(rhs), (p["expression"], lhs, rhs, text)
+                checked += 1
+    assert checked > 9_000  # about three written steps per problem

@@ -155,11 +155,13 @@ def test_an_earlier_run_in_the_output_folder(tmp_path, status, checkpoint, refus
     if checkpoint:
         (run / "checkpoints" / "_actor").mkdir(parents=True)
         (run / "checkpoints" / "_actor" / "latest").write_text("global_step3")
+    effective = rundir.effective_status(run)
+    assert effective == status
     if refused:
         with pytest.raises(Exception, match=f"already holds a {status} run.*--resume {run}.*--overwrite"):
-            _clear_earlier_run(run, overwrite=False)
+            _clear_earlier_run(run, overwrite=False, status=effective)
         assert (run / rundir.MANIFEST).exists()
-    _clear_earlier_run(run, overwrite=refused)
+    _clear_earlier_run(run, overwrite=refused, status=effective)
     assert not (run / rundir.MANIFEST).exists() and not (run / "data").exists()
 
 

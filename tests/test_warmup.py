@@ -41,7 +41,7 @@ def test_sft_rows_use_the_rl_prompt_and_end_in_the_boxed_answer():
     assert len(rows) == 50
     for p, row in zip(problems, rows):
         assert row["input"] == build_prompt(p["problem"])
-        assert row["output"] == f"{p['expression']} = {p['answer']}. The answer is \\boxed{{{p['answer']}}}.<|im_end|>"
+        assert row["output"] == arith.solution_text(p["expression"], p["answer"]) + "<|im_end|>"
         assert extract_boxed(row["output"]) == p["answer"]
     assert [p["problem"] for p in warmup_problems(50, seed=3)] == [p["problem"] for p in problems]
 
