@@ -18,6 +18,8 @@ test-fast: setup
 	$(PY) -m pytest -m "not pipeline and not slow and not real_model"
 
 benchmarks: setup
+	$(PY) -m pip install -q trl==1.16.0 torch==2.13.0 transformers==5.19.0  # TRL: vs_trl.py's baseline
 	$(PY) benchmarks/advantages.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/eval_throughput.py
+	$(PY) benchmarks/vs_trl.py --model tiny --setting small
