@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_as_in_a_terminal
 from click.testing import CliRunner
 
 from fixtures_runs import tiny_runs  # noqa: F401  (session fixture: two finished 2-step runs)
@@ -221,7 +222,8 @@ def test_concurrent_launch_sigint_and_sigkill(tmp_path, tiny_model_dir):
     args = ["train", "--model", tiny_model_dir, "--data", data, "--output", run, *CPU, "--max-steps", "4",
             "--save-steps", "1"]
     first = subprocess.Popen([sys.executable, "-m", "ngrpo_cli.main", *map(str, args)], cwd=REPO, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                             preexec_fn=sigint_as_in_a_terminal)
     try:
         _wait_for(lambda: rundir.RunLock.held(run), 300, "the first launch to take the run")
         second = ngrpo(*args, timeout=300)

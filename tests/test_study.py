@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_as_in_a_terminal
 
 from pipelines import arith
 
@@ -43,7 +44,8 @@ def study(tmp_path_factory, tiny_model_dir):
            "--device", "cpu", "--preset", "cpu-tiny", "--eval-n", "2", "--eval-max-new-tokens", "16",
            "--eval-backend", "hf"]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+                             start_new_session=True,
+                             preexec_fn=sigint_as_in_a_terminal)
     try:
         deadline = time.time() + 1800
         while time.time() < deadline:
