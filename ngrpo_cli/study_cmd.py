@@ -77,7 +77,7 @@ def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, pres
       ngrpo study -o study --model warm-model --data train.jsonl --eval test.jsonl \\
         --algos ngrpo,grpo,dapo,w_reinforce --seeds 0,1,2 --max-steps 50
     """
-    from pipelines.study import Study, StudyError, StudyPlan
+    from pipelines.study import Study, StudyError, StudyPlan, fingerprint_files
     from pipelines.study_report import write_report
 
     train_args = []
@@ -98,7 +98,8 @@ def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, pres
                      data=os.path.abspath(data_path), benchmarks=[os.path.abspath(b) if os.path.exists(b) else b
                                                                    for b in names],
                      algos=algos, seeds=seeds, max_steps=max_steps, preset=preset, device=device, recipe=recipe,
-                     train_args=train_args, eval=evaluation)
+                     train_args=train_args, eval=evaluation,
+                     input_files=fingerprint_files([data_path, *names, eval_data, reward_file]))
     try:
         runner = Study(study_dir, plan, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True))
         click.echo(f"study: {len(plan.runs())} runs ({', '.join(algos)} x seeds {', '.join(map(str, seeds))}) in "

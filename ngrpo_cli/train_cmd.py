@@ -310,7 +310,21 @@ def _launch(plan, overwrite, verbose):
         manifest = _execute(run_path, manifest, resume=False, verbose=verbose)
     finally:
         lock.release()
-    click.echo(f"finished after {manifest['global_step']} steps; final model: {run_path / rundir.FINAL_MODEL}")
+    _say_finished(run_path, manifest)
+
+
+def _say_finished(run_path: Path, manifest: dict) -> None:
+    """The closing line; and a warning when the run stopped short of --max-steps because OpenRLHF's
+    prompt loader ran out (a group filter draws extra prompts to replace the groups it drops)."""
+    from pipelines import rundir
+
+    steps, wanted = manifest["global_step"], manifest.get("max_steps")
+    click.echo(f"finished after {steps} steps; final model: {run_path / rundir.FINAL_MODEL}")
+    if wanted is not None and steps < wanted:
+        click.echo(f"warning: the training data ran out after {steps} of --max-steps {wanted} steps "
+                   f"({manifest['num_problems']} problems x --episodes {manifest['recipe']['episodes']}, "
+                   f"{manifest['recipe']['prompts_per_step']} prompts per step plus the refills of dropped groups); "
+                   "give more problems or a larger --episodes", err=True)
 
 
 def _clear_earlier_run(run_path: Path, overwrite: bool, status: str) -> None:
@@ -369,7 +383,7 @@ def _resume(run_dir, max_steps, verbose):
         manifest = _execute(run_path, manifest, resume=True, verbose=verbose)
     finally:
         lock.release()
-    click.echo(f"finished after {manifest['global_step']} steps; final model: {run_path / rundir.FINAL_MODEL}")
+    _say_finished(run_path, manifest)
 
 
 def _version():

@@ -46,6 +46,9 @@ class StudyPlan:
     recipe: dict = dataclasses.field(default_factory=dict)   # recipe settings shared by every run
     train_args: List[str] = dataclasses.field(default_factory=list)  # other `ngrpo train` flags, shared
     eval: dict = dataclasses.field(default_factory=dict)     # `ngrpo eval` settings, shared
+    # sha256 of every input *file* (data, benchmark files, --eval-data, --reward-file): the same
+    # path with other contents is another study, not one to continue.
+    input_files: dict = dataclasses.field(default_factory=dict)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -53,6 +56,19 @@ class StudyPlan:
     def runs(self) -> List[tuple]:
         """(name, algo, seed), seeds outside: a study stopped early has every algorithm's first seeds."""
         return [(f"{algo}-s{seed}", algo, seed) for seed in self.seeds for algo in self.algos]
+
+
+def fingerprint_files(paths) -> dict:
+    """{path: sha256 prefix} of the PATHS that are files (a benchmark name or Hub id is skipped)."""
+    out = {}
+    for path in paths:
+        if path and os.path.isfile(path):
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[os.path.abspath(path)] = digest.hexdigest()[:16]
+    return out
 
 
 def _flag_args(settings: dict) -> List[str]:

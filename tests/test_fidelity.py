@@ -121,8 +121,23 @@ def test_the_group_filter_decides_by_correctness(tmp_path, tiny_model_dir):
           "--algo", "ngrpo", "--reward-file", reward, "--max-steps", "2")
     graded = _jsonl(reward.parent / "graded.jsonl")
     assert {g["reward"] for g in graded} == {1.0, 0.9}  # all-correct groups were generated...
+    group = rundir.read_manifest(run)["recipe"]["samples_per_prompt"]
     for row in rundir.read_step_log(run / rundir.METRICS).rows:  # ...and none of them trained on
         assert row["ngrpo/frac_all_correct"] == 0.0 and row["ngrpo/frac_all_wrong"] == 1.0
         assert row["rollout/reward_mean"] == pytest.approx(0.9)
-        assert row["dynamic_filtering_pass_rate"] < 100
+        # OpenRLHF's "pass rate" is kept *samples* per consumed prompt x 100; per prompt it is
+        # below 100 % because the all-correct half of the prompts was dropped.
+        assert 0 < row["dynamic_filtering_pass_rate"] / group < 100
     assert rundir.read_manifest(run)["global_step"] == 2
+
+
+@pytest.mark.pipeline
+def test_a_run_whose_data_runs_out_says_so(tmp_path, tiny_model_dir):
+    """8 problems at 4 prompts per step and one episode: OpenRLHF's loader ends after 2 steps, and
+    a run asked for 3 says that it stopped short and why, instead of only "finished"."""
+    run = tmp_path / "run"
+    proc = ngrpo("train", "--model", tiny_model_dir, "--data", _problems(tmp_path / "d.jsonl", n=8), "--output", run,
+                 *CPU, "--algo", "grpo", "--max-steps", "3")
+    assert rundir.read_manifest(run)["global_step"] == 2
+    assert ("warning: the training data ran out after 2 of --max-steps 3 steps (8 problems x --episodes 1, "
+            "4 prompts per step plus the refills of dropped groups)") in proc.stderr

@@ -134,3 +134,15 @@ def test_a_changed_setting_is_refused(study):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "holds a study with other settings (max_steps changed)" in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_the_same_data_path_with_other_contents_is_refused(study):
+    train = Path(study["cmd"][study["cmd"].index("--data") + 1])
+    original = train.read_text()
+    try:
+        train.write_text(original + json.dumps({"id": "extra", "problem": "What is 1 + 1?", "answer": "2"}) + "\n")
+        proc = subprocess.run(study["cmd"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    finally:
+        train.write_text(original)
+    assert proc.returncode != 0
+    assert "holds a study with other settings (input_files changed)" in proc.stderr
