@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import sigint_as_in_a_terminal
+from child_process import sigint_as_in_a_terminal
 from click.testing import CliRunner
 
 from fixtures_runs import tiny_runs  # noqa: F401  (session fixture: two finished 2-step runs)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import sigint_as_in_a_terminal
+from child_process import sigint_as_in_a_terminal
 
 from pipelines import arith
 
