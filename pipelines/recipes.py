@@ -127,6 +127,9 @@ class Recipe:
         if self.estimator in ESTIMATORS and self.samples_per_prompt < 2:
             fail("samples_per_prompt", f"the {self.estimator} estimator works on groups of responses to the same "
                                        "prompt: use at least 2 (the paper uses 8)")
+        if self.overlong_buffer and not 0 < self.overlong_buffer < self.max_response_len:
+            fail("overlong_buffer", f"must be in [1, --max-response-len {self.max_response_len}): the penalty "
+                                    "covers the last N tokens of the budget (0 turns it off)")
         if self.prompts_per_step % self.mini_batch_prompts:
             fail("mini_batch_prompts", f"must divide --prompts-per-step {self.prompts_per_step}")
         if self.max_tokens_per_gpu is not None and self.max_tokens_per_gpu < self.max_prompt_len + self.max_response_len:
@@ -136,12 +139,17 @@ class Recipe:
 
 SETTINGS = tuple(f.name for f in dataclasses.fields(Recipe))
 
+# DAPO's overlong buffer as the authors set it: 1024 tokens of a 3072-token budget, so the penalty
+# starts at 2048. A third of the budget keeps that shape when the budget changes (a fixed 1024
+# cannot even fit in a CPU run's 96 tokens); an explicit --overlong-buffer wins.
+OVERLONG_THIRD = "a third of --max-response-len"
+
 # docs/ALGORITHM.md §5: what each algorithm changes from the shared settings.
 ALGO_SETTINGS = {
     "ngrpo": dict(estimator="ngrpo", eps_clip_low=0.16, eps_clip_high=0.24, group_filter="drop_all_correct"),
     "grpo": dict(estimator="grpo", kl_mode="loss", kl_coef=0.001, kl_estimator="k3"),
     "dapo": dict(estimator="grpo", eps_clip_high=0.28, group_filter="drop_all_correct_and_all_wrong",
-                 overlong_buffer=1024),
+                 overlong_buffer=OVERLONG_THIRD),
     "w_reinforce": dict(estimator="w_reinforce"),
     "psr": dict(estimator="psr"),
     "nsr": dict(estimator="nsr"),
@@ -176,6 +184,8 @@ def build_recipe(algo: str, preset: str = "paper", overrides: Optional[dict] = N
             raise RecipeError(f"unknown recipe setting {key!r}; valid settings: {', '.join(SETTINGS)}")
         if value is not None:
             values[key] = value
+    if values.get("overlong_buffer") == OVERLONG_THIRD:
+        values["overlong_buffer"] = values.get("max_response_len", Recipe.max_response_len) // 3
     if isinstance(values.get("adam_betas"), list):
         values["adam_betas"] = tuple(values["adam_betas"])
     return Recipe(**values).validate()

@@ -91,6 +91,10 @@ def collect(study_dir, state: dict) -> dict:
         names = [name for name, e in finished.items() if e["algo"] == algo]
         if names:
             results["training"][algo] = _training_curves([study_dir / "runs" / name for name in names])
+    # Steps each run trained: a run whose data ran out (a group filter draws extra prompts) stops
+    # short of max_steps, and the comparison must say so.
+    results["steps_trained"] = {name: rundir.read_manifest(study_dir / "runs" / name).get("global_step")
+                                for name in finished}
     results["wall_time_s"] = {name: e.get("wall_time_s") for name, e in state["runs"].items()}
     results["wall_time_s"]["total"] = sum(v for v in results["wall_time_s"].values() if v)
     return results
@@ -236,6 +240,10 @@ def write_markdown(results: dict, state: dict, out_dir: Path, figures: List[str]
     wall = results["wall_time_s"]
     lines += ["", "## Wall time", "", f"Total {fmt_duration(wall['total'])}; per run: "
               + ", ".join(f"{name} {fmt_duration(v)}" for name, v in wall.items() if name != "total" and v), ""]
+    short = [f"{name} ({steps})" for name, steps in results.get("steps_trained", {}).items()
+             if plan["max_steps"] and steps is not None and steps < plan["max_steps"]]
+    if short:
+        lines += [f"Stopped short of {plan['max_steps']} steps (the training data ran out): " + ", ".join(short), ""]
     failed = [f"{name} ({e.get('error')})" for name, e in state["runs"].items() if e["status"] != "finished"]
     if failed:
         lines += ["Not finished: " + "; ".join(failed), ""]

@@ -117,6 +117,8 @@ def test_study_md_and_figures(study):
     assert f"| ngrpo (2 seeds) | {cell} |" in md
     assert "Paired difference, seed by seed" in md and "Command: `ngrpo study -o" in md and "CPU cores" in md
     assert (out / "eval_heldout.png").stat().st_size > 10_000 and (out / "training_curves.png").stat().st_size > 10_000
+    assert study["state"]["results"]["steps_trained"] == {"ngrpo-s0": 2, "grpo-s0": 2, "ngrpo-s1": 2, "grpo-s1": 2}
+    assert "Stopped short" not in md
 
 
 def test_a_restart_keeps_finished_runs(study):

@@ -140,3 +140,19 @@ def test_the_paper_preset_gives_the_published_settings(algo, tmp_path, hub_model
             (algo, flag, got, expected)
     assert flags <= set(argv), flags - set(argv)
     assert not (ABSENT_BY_ALGO[algo] & set(argv)), ABSENT_BY_ALGO[algo] & set(argv)
+
+
+def test_dapo_overlong_buffer_is_a_third_of_the_response_budget():
+    """The authors' 1024 of 3072 tokens at the paper's length; the same shape at any other length
+    (a fixed 1024 made OpenRLHF assert inside the actor at 96 tokens); a given value wins."""
+    from pipelines.recipes import RecipeError, build_recipe
+
+    assert build_recipe("dapo", "paper").overlong_buffer == 1024
+    assert build_recipe("dapo", "cpu-tiny").overlong_buffer == 32
+    assert build_recipe("dapo", "paper", {"max_response_len": 600}).overlong_buffer == 200
+    assert build_recipe("dapo", "cpu-tiny", {"overlong_buffer": 10}).overlong_buffer == 10
+    assert build_recipe("grpo", "paper").overlong_buffer is None
+    with pytest.raises(RecipeError, match=r"--overlong-buffer 96: must be in \[1, --max-response-len 96\)"):
+        build_recipe("dapo", "cpu-tiny", {"overlong_buffer": 96})
+    result = CliRunner().invoke(cli, ["train", "--help"])
+    assert "--algo dapo: a third of" in " ".join(result.output.split())  # (the rest may wrap at a hyphen)
