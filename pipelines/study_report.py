@@ -204,6 +204,10 @@ def conclusion(entry: dict, metric: str) -> str:
     return "; ".join(parts) + "." if parts else ""
 
 
+def _seeds(seeds: list) -> str:
+    return f"{len(seeds)} seed" + ("s" if len(seeds) != 1 else "")
+
+
 def write_markdown(results: dict, state: dict, out_dir: Path, figures: List[str], header: str = "") -> Path:
     plan = state["plan"]
     lines = ["# Study: " + ", ".join(plan["algos"]) + f" x seeds {', '.join(map(str, plan['seeds']))}", ""]
@@ -218,11 +222,11 @@ def write_markdown(results: dict, state: dict, out_dir: Path, figures: List[str]
         lines += [f"## {bench}", ""]
         rows = [["base model"] + [_pct(entry["base"][m]) for m in metrics] + ["–"]]
         for algo, stats in entry["algos"].items():
-            rows.append([f"{algo} ({len(stats['seeds'])} seeds)"] + [_stat_cell(stats[m]) for m in metrics]
+            rows.append([f"{algo} ({_seeds(stats['seeds'])})"] + [_stat_cell(stats[m]) for m in metrics]
                         + [f"{100 * stats[metrics[0]]['change_from_base']:+.1f}"])
         lines += markdown_table(["algorithm"] + metrics + [f"{metrics[0]} change from base"], rows) + [""]
         if entry["paired"]:
-            rows = [[f"{REFERENCE_ALGO} - {algo} ({len(p['seeds'])} seeds)"] + [_stat_cell(p[m]) for m in metrics]
+            rows = [[f"{REFERENCE_ALGO} - {algo} ({_seeds(p['seeds'])})"] + [_stat_cell(p[m]) for m in metrics]
                     for algo, p in entry["paired"].items()]
             lines += ["Paired difference, seed by seed:", ""] + markdown_table(["difference"] + metrics, rows) + [""]
             sentence = conclusion(entry, metrics[0])
@@ -236,7 +240,9 @@ def write_markdown(results: dict, state: dict, out_dir: Path, figures: List[str]
     for algo, curves in results["training"].items():
         rows.append([algo] + [("–" if k not in curves or curves[k]["overall_mean"] is None
                                else f"{curves[k]['overall_mean']:.4g}") for k, _ in keys])
-    lines += ["Means over all steps and seeds:", ""] + markdown_table(["algorithm"] + [label for _, label in keys], rows)
+    lines += ["Means over all steps and seeds. The rollout numbers are those of the batch each algorithm trains on, "
+              "after its group filter (ngrpo drops all-correct groups, dapo all-correct and all-wrong ones), so "
+              "they are lower or higher than what the policy samples.", ""] + markdown_table(["algorithm"] + [label for _, label in keys], rows)
     wall = results["wall_time_s"]
     lines += ["", "## Wall time", "", f"Total {fmt_duration(wall['total'])}; per run: "
               + ", ".join(f"{name} {fmt_duration(v)}" for name, v in wall.items() if name != "total" and v), ""]
