@@ -13,8 +13,8 @@ The dtype decides the ratio on this 2-core machine (tiny model, 32 prompts x 128
 alternating repeats, docs/BENCHMARKS.md): in the model's own bfloat16, transformers' generate runs
 at ~115 tokens/s and vLLM ~1240 (10.8x; the 17.8x of an earlier note was this case); in float32
 transformers runs at ~1400 tokens/s and the ratio falls to 2.7x (range 1.3-7.2x on a shared
-machine). On a CPU, `ngrpo eval --backend hf --dtype float32` is the fast transformers path;
-pass --dtype here to see both.
+machine). That is the tiny model's size (per-token overhead dominates); on SmolLM2-135M bf16 is
+the faster dtype for both backends and vLLM leads by ~1.5x. Pass --dtype here to see both.
 """
 import argparse
 import json
