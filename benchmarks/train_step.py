@@ -9,8 +9,8 @@ the same clip range, no checkpoint during the run):
             hook of the patch in place (filter path, reward checks, step log, progress)
   ngrpo     `ngrpo train --algo ngrpo`
 
-The kinds alternate (openrlhf grpo ngrpo, then the next repeat rotated), so a slow drift of a
-shared machine's load falls on all three. Per run, the median of its steps (the first step, which
+openrlhf reruns each repeat's grpo run directory right after it; that pair and ngrpo take turns
+going first, so a slow drift of a shared machine's load falls on all three. Per run, the median of its steps (the first step, which
 warms up, and the last are dropped); across runs, the median and the range. A ratio is called a
 difference only when the ranges of the two kinds do not overlap; otherwise it is "within noise".
 
@@ -87,17 +87,14 @@ def main():
         write_jsonl_atomic(arith.problems(args.steps * CPU_TINY["prompts_per_step"], mix="study", seed=0), data)
         runs = {k: [] for k in KINDS}
         for rep in range(args.repeats):
-            order = KINDS[rep % 3:] + KINDS[:rep % 3]
-            grpo_dir = None
-            for kind in order:
-                out = tmp / f"{kind}{rep}"
-                if kind == "openrlhf":
-                    continue  # after this repeat's grpo run, whose prepared directory it reuses
-                runs[kind].append(ngrpo_run(kind, model, data, out, args.steps))
-                print(f"  repeat {rep + 1}: {kind} done", file=sys.stderr, flush=True)
-                if kind == "grpo":
-                    grpo_dir = out
-                    runs["openrlhf"].append(unpatched_run(grpo_dir, tmp / f"openrlhf{rep}"))
+            # the baseline reruns this repeat's grpo run directory, so it always follows grpo;
+            # grpo+openrlhf and ngrpo take turns going first
+            for algo in ("grpo", "ngrpo")[::1 if rep % 2 == 0 else -1]:
+                out = tmp / f"{algo}{rep}"
+                runs[algo].append(ngrpo_run(algo, model, data, out, args.steps))
+                print(f"  repeat {rep + 1}: {algo} done", file=sys.stderr, flush=True)
+                if algo == "grpo":
+                    runs["openrlhf"].append(unpatched_run(out, tmp / f"openrlhf{rep}"))
                     print(f"  repeat {rep + 1}: openrlhf done", file=sys.stderr, flush=True)
         results = {k: summary(v) for k, v in runs.items()}
     base = results["openrlhf"]

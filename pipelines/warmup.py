@@ -88,12 +88,12 @@ def longest_row_tokens(model_dir, rows: Sequence[dict]) -> int:
 
 
 def evaluate(model_dir, out_dir, *, n_problems: int, samples: int = 0, seed: int = 0,
-             mix: str = DEFAULT_RECIPE["mix"], max_new_tokens: int = 96) -> dict:
+             mix: str = DEFAULT_RECIPE["mix"], max_new_tokens: Optional[int] = None) -> dict:
     """Greedy accuracy (and with SAMPLES > 0 the mean accuracy of that many samples per problem at
     temperature 1, top_p 1: what RL rollouts see) on N_PROBLEMS test-split problems, by `ngrpo
     eval`'s code (transformers backend, math-verify grading) into OUT_DIR/greedy and OUT_DIR/sampled.
-    96 new tokens: a worked solution of the study mix takes up to ~50 tokens of the tiny tokenizer,
-    and a budget that cuts it off would grade a right answer as wrong."""
+    MAX_NEW_TOKENS defaults to arith.WORKED_SOLUTION_TOKENS: a budget that cuts a worked solution
+    off would grade a right answer as wrong."""
     from pipelines import arith
     from pipelines.data import write_jsonl_atomic
     from pipelines.evaluation import run_eval
@@ -101,8 +101,8 @@ def evaluate(model_dir, out_dir, *, n_problems: int, samples: int = 0, seed: int
     out_dir = Path(out_dir)
     bench = out_dir / "heldout.jsonl"
     write_jsonl_atomic(arith.problems(n_problems, mix=mix, split="test", seed=seed), bench)
-    common = dict(backend="hf", max_new_tokens=max_new_tokens, seed=seed, progress=False, overwrite=True,
-                  log=lambda msg: None)
+    common = dict(backend="hf", max_new_tokens=max_new_tokens or arith.WORKED_SOLUTION_TOKENS, seed=seed,
+                  progress=False, overwrite=True, log=lambda msg: None)
     greedy = run_eval(str(model_dir), [str(bench)], out_dir=out_dir / "greedy", n=1, temperature=0.0, **common)
     result = {"n_problems": n_problems, "greedy_accuracy": greedy["benchmarks"]["heldout"]["avg@1"]}
     if samples > 0:
