@@ -185,8 +185,11 @@ def summary_markdown(summary: dict) -> str:
     n = settings["n"]
     ks = ks_for(n)
     scored = n >= 2
+    # `no_boxed_frac` counts samples the rule found no answer in: no \boxed{} under `boxed`, not
+    # even a number under `authors`; the column says which.
+    no_answer = "no boxed" if settings.get("answer_extraction", "boxed") == "boxed" else "no answer found"
     head = ["benchmark", "problems", f"avg@{n}"] + [f"pass@{k}" for k in ks if k != 1] + \
-           [f"maj@{n}"] + (["final score"] if scored else []) + ["mean tokens", "no boxed", "truncated"]
+           [f"maj@{n}"] + (["final score"] if scored else []) + ["mean tokens", no_answer, "truncated"]
     lines = [
         f"# Evaluation of `{settings['model']}`",
         "",

@@ -241,3 +241,16 @@ def test_model_errors(tmp_path):
 def test_no_output_dir_for_a_plain_model(tiny_model_dir):
     result = eval_cli("--model", tiny_model_dir, "--backend", "hf")
     assert result.exit_code == 1 and "pass -o OUT_DIR" in result.output
+
+
+@pytest.mark.parametrize("rule, column", [("boxed", "no boxed"), ("authors", "no answer found")])
+def test_summary_names_the_no_answer_column_after_the_rule(rule, column):
+    # One problem, 2 samples: one graded with an extracted answer, one where the rule found none.
+    rows = [{"id": "p", "sample": 0, "correct": True, "extracted": "3", "n_tokens": 10, "finish_reason": "stop"},
+            {"id": "p", "sample": 1, "correct": False, "extracted": None, "n_tokens": 30, "finish_reason": "length"}]
+    settings = {"model": "m", "n": 2, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 30, "seed": 0,
+                "backend": "hf", "answer_extraction": rule}
+    md = evaluation.summary_markdown({"settings": settings, "benchmarks": {"b": evaluation.summarise_benchmark(rows, 2)}})
+    assert f"| mean tokens | {column} | truncated |" in md
+    assert "| b | 1 | 50.00 | 100.00 | " in md and md.rstrip().endswith("| 20.0 | 50.0 | 50.0 |")
+    assert f"answers: {rule}." in md
