@@ -7,7 +7,9 @@ replaces one CUDA-only assumption and nothing else:
   * the replay buffer moves micro-batches to the CPU instead of `cuda:N`;
   * actor -> vLLM weight sync goes through a stateless gloo group instead of vLLM's NCCL
     communicator (`--vllm.sync_backend gloo`). Without it the run still exits 0 but vLLM's
-    weights silently become NaN, which `verify_vllm_weights_finite` guards against;
+    weights silently become NaN, which `CPUWorkerWrap.update_weight` guards against; and it
+    sends the weights in a few flat buffers instead of one round trip per tensor
+    (`broadcast_to_vllm_in_buckets`);
   * vLLM engines load `CPUWorkerWrap` (openrlhf_patch.cpu_vllm_worker) as their worker extension,
     because vLLM's CPU engine runs the model in its own processes that Ray's hook never reaches.
 """
@@ -21,16 +23,24 @@ CPU_STUBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_st
 CPU_WORKER_EXTENSION = "openrlhf_patch.cpu_vllm_worker.CPUWorkerWrap"
 UPSTREAM_WORKER_EXTENSION = "openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap"
 
-# Environment every CPU-mode process needs: a small KV cache (GiB), DeepSpeed's CPU accelerator,
-# and threads. The phases of a step (generate, score, train, sync) run one after another on CPU,
+# Environment every CPU-mode process needs: DeepSpeed's CPU accelerator and threads (the KV cache
+# is sized to the run by `patch_vllm_engine_args`). The phases of a step (generate, score, train, sync) run one after another on CPU,
 # so each may use every core: vLLM would otherwise keep one core for its scheduler (one thread of
 # two on a laptop) and Ray gives an actor one OpenMP thread unless told otherwise.
 CPU_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_TARGET_DEVICE": "cpu",
     "DS_ACCELERATOR": "cpu",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+    # vLLM's CPU platform turns the engine core's in-process "uni" executor into a separate worker
+    # process, a third process importing vLLM (~5 s of start-up, ~0.7 GB) for a model that one
+    # process serves. With this the engine core runs the model itself; OpenRLHF's AsyncLLM keeps
+    # its engine-core process either way (OpenRLHF sets the same for --full_determinism).
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # OpenRLHF wraps compute_entropy in @torch.compile. On CPU the first call makes inductor build
+    # C++ (15 s on a cold cache, 4 s warm, again when shapes change) for a softmax that eager runs
+    # in milliseconds (benchmarks/vs_trl.py: step 1 4.4 -> 0.5 s, steady steps unchanged).
+    "TORCHDYNAMO_DISABLE": "1",
 }
 
 
@@ -109,6 +119,73 @@ def stateless_init_gloo_group(master_address, master_port, rank, world_size, dev
     return GlooBroadcastGroup(master_address, master_port, rank, world_size)
 
 
+SYNC_BUCKET_BYTES = 256 << 20  # bounds the extra memory a bucket costs on both sides of the sync
+
+
+def weight_buckets(named_params, max_bytes=SYNC_BUCKET_BYTES):
+    """Consecutive runs of parameters of one dtype, each up to `max_bytes` (a larger tensor alone)."""
+    bucket, size = [], 0
+    for name, param in named_params:
+        nbytes = param.numel() * param.element_size()
+        if bucket and (param.dtype != bucket[0][1].dtype or size + nbytes > max_bytes):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, param))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def broadcast_to_vllm_in_buckets(self):
+    """CPU replacement of `ActorPPOTrainer.broadcast_to_vllm` (gloo path). Upstream makes one Ray
+    call, one RPC into vLLM's engine core and one broadcast per tensor; on CPU that round trip,
+    not the bytes, was the cost: 0.1 s of a 0.37 s step on the tiny model (27 tensors), ~3 s a
+    step on SmolLM2 (272). Here each bucket of `weight_buckets` is one flat buffer and one call;
+    `CPUWorkerWrap.update_weight` takes the lists of names and shapes and splits it."""
+    import deepspeed
+    import ray
+    from openrlhf.trainer.ray import ppo_actor
+
+    args = self.strategy.args
+    rank0 = torch.distributed.get_rank() == 0
+    cache_reset_refs = []
+    if getattr(args.vllm, "enable_prefix_caching", False) and rank0:
+        cache_reset_refs = [engine.reset_prefix_cache.remote() for engine in self.vllm_engines]
+    model = self.actor.model.module
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not getattr(self.actor, "is_vlm", False)]
+    zero3 = args.ds.zero_stage == 3
+    for bucket in weight_buckets(params):
+        with deepspeed.zero.GatheredParameters([p for _, p in bucket], enabled=zero3):
+            if rank0:
+                names = [n for n, _ in bucket]
+                shapes = [tuple(p.ds_shape if zero3 else p.shape) for _, p in bucket]
+                flat = torch.cat([p.data.reshape(-1) for _, p in bucket])
+                refs = [engine.update_weight.remote(names, dtype=flat.dtype, shape=shapes) for engine in self.vllm_engines]
+                self._model_update_group.broadcast(flat, src=0)
+                ray.get(refs)
+                del flat
+        ppo_actor.torch_dist_barrier_and_cuda_sync()
+    if cache_reset_refs:
+        ray.get(cache_reset_refs)
+
+
+def patch_weight_sync(trainer_cls) -> None:
+    """Send weights in buckets where upstream would use the per-tensor gloo broadcast (not for
+    CUDA IPC, Ray collectives, or tensor-parallel DeepSpeed, which gathers differently)."""
+    upstream = trainer_cls.broadcast_to_vllm
+    if getattr(upstream, "_ngrpo_cpu", False):
+        return
+
+    def broadcast_to_vllm(self):
+        args = self.strategy.args
+        if self.use_cuda_ipc or getattr(args.vllm, "sync_with_ray", False) or args.ds.tensor_parallel_size > 1:
+            return upstream(self)
+        return broadcast_to_vllm_in_buckets(self)
+
+    broadcast_to_vllm._ngrpo_cpu = True
+    trainer_cls.broadcast_to_vllm = broadcast_to_vllm
+
+
 def patch_openrlhf_for_cpu() -> None:
     """Patch the OpenRLHF modules of this process (idempotent; safe before or after import)."""
     import openrlhf.utils.distributed_util as distributed_util
@@ -118,6 +195,7 @@ def patch_openrlhf_for_cpu() -> None:
 
     distributed_util.stateless_init_process_group = stateless_init_gloo_group
     ppo_actor.stateless_init_process_group = stateless_init_gloo_group  # imported by name there
+    patch_weight_sync(ppo_actor.ActorPPOTrainer)  # a plain class: reaches PolicyModelActor by reference
 
     buffer_cls = replay_buffer.NaiveReplayBuffer
     if not getattr(buffer_cls.__init__, "_ngrpo_cpu", False):
@@ -146,8 +224,31 @@ def patch_openrlhf_for_cpu() -> None:
         ds_strategy.init_device_mesh = init_device_mesh
 
 
+ROLLOUT_SEQUENCES_ENV = "NGRPO_ROLLOUT_SEQUENCES"  # set by the driver: prompts per step x samples per prompt
+KV_CACHE_FALLBACK_BYTES = 1 << 30
+
+
+def kv_cache_bytes(model: str, dtype: str, max_model_len: int, sequences: int, trust_remote_code=True) -> int:
+    """A KV cache that holds every sequence of a rollout at full length (plus a block each). vLLM
+    on CPU would otherwise take VLLM_CPU_KVCACHE_SPACE GiB and fill it with zeros: on the tiny
+    model 1 GiB of a 4.1 GB process tree, for a rollout that needs 2 MB."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        config = getattr(config, "text_config", None) or config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        per_token = 2 * config.num_hidden_layers * getattr(config, "num_key_value_heads", heads) * head_dim
+    except Exception:  # noqa: BLE001 - an architecture this estimate does not know: vLLM's old default
+        return KV_CACHE_FALLBACK_BYTES
+    itemsize = 4 if str(dtype) in ("float32", "torch.float32") else 2
+    return per_token * itemsize * max(1, sequences) * (max_model_len + 128)
+
+
 def patch_vllm_engine_args() -> None:
-    """Make vLLM engines created in this process load the CPU worker extension."""
+    """Make vLLM engines created in this process load the CPU worker extension, with a KV cache
+    sized to the rollout (a user's VLLM_CPU_KVCACHE_SPACE still wins: vLLM reads it later)."""
     import vllm
 
     if getattr(vllm.AsyncEngineArgs, "_ngrpo_cpu", False):
@@ -157,6 +258,10 @@ def patch_vllm_engine_args() -> None:
     def AsyncEngineArgs(*args, **kwargs):
         if kwargs.get("worker_extension_cls") == UPSTREAM_WORKER_EXTENSION:
             kwargs["worker_extension_cls"] = CPU_WORKER_EXTENSION
+        if kwargs.get("kv_cache_memory_bytes") is None and kwargs.get("max_model_len"):
+            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(
+                kwargs["model"], kwargs.get("dtype", "bfloat16"), kwargs["max_model_len"],
+                int(os.environ.get(ROLLOUT_SEQUENCES_ENV) or 256), kwargs.get("trust_remote_code", True))
         return upstream(*args, **kwargs)
 
     AsyncEngineArgs._ngrpo_cpu = True

@@ -36,6 +36,8 @@ SYMBOLS = (
     # openrlhf_patch/cpu_mode.py
     Symbol("openrlhf.utils.distributed_util", "stateless_init_process_group", "replaced"),
     Symbol("openrlhf.trainer.ray.ppo_actor", "stateless_init_process_group", "replaced"),
+    Symbol("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer.broadcast_to_vllm", "wrapped"),
+    Symbol("openrlhf.trainer.ray.ppo_actor", "torch_dist_barrier_and_cuda_sync", "called"),
     Symbol("openrlhf.trainer.ppo_utils.replay_buffer", "NaiveReplayBuffer.__init__", "wrapped"),
     Symbol("openrlhf.utils.deepspeed.deepspeed", "init_device_mesh", "wrapped"),
     # pipelines/training.py and pipelines/warmup.py

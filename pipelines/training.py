@@ -303,6 +303,8 @@ def ray_init_kwargs(patch_config: PatchConfig, args) -> dict:
         from openrlhf_patch import cpu_mode
 
         env.update(cpu_mode.cpu_env())
+        # sizes the vLLM engines' KV cache to one rollout (cpu_mode.kv_cache_bytes)
+        env[cpu_mode.ROLLOUT_SEQUENCES_ENV] = str(args.rollout.batch_size * args.rollout.n_samples_per_prompt)
         if address == "local":
             gpus = logical_gpus_needed(args)  # logical GPUs: Ray places OpenRLHF's actors by them
             kwargs.update(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 2 * gpus + 2))

@@ -158,6 +158,10 @@ def test_vllm_weights_follow_the_actor(runs, tiny_model_dir):
 
     moved = (logprobs(runs["ngrpo"]["run"] / "final_model") - logprobs(tiny_model_dir)).abs().mean().item()
     assert moved > 10 * max(vllm_kl), (moved, vllm_kl)
+    # The sync took CPU mode's bucketed path inside the vLLM engine: the tiny model in one buffer.
+    params = list(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).parameters())
+    nbytes = sum(p.numel() for p in params) * 2  # bfloat16: the dtype OpenRLHF gives vLLM, and the actor on CPU
+    assert f"[ngrpo] weight sync: {len(params)} tensors in this buffer ({nbytes} bytes)" in _full_log(runs["ngrpo"])
 
 
 def test_resume_continues_with_unseen_prompts_in_the_same_order(runs):
