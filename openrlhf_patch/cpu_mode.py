@@ -11,7 +11,7 @@ replaces one CUDA-only assumption and nothing else:
     sends the weights in a few flat buffers instead of one round trip per tensor
     (`broadcast_to_vllm_in_buckets`);
   * vLLM engines load `CPUWorkerWrap` (openrlhf_patch.cpu_vllm_worker) as their worker extension,
-    because vLLM's CPU engine runs the model in its own processes that Ray's hook never reaches.
+    because vLLM's CPU engine runs the model in its own process, which Ray's hook never reaches.
 """
 import datetime
 import os
@@ -23,10 +23,11 @@ CPU_STUBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_st
 CPU_WORKER_EXTENSION = "openrlhf_patch.cpu_vllm_worker.CPUWorkerWrap"
 UPSTREAM_WORKER_EXTENSION = "openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap"
 
-# Environment every CPU-mode process needs: DeepSpeed's CPU accelerator and threads (the KV cache
-# is sized to the run by `patch_vllm_engine_args`). The phases of a step (generate, score, train, sync) run one after another on CPU,
-# so each may use every core: vLLM would otherwise keep one core for its scheduler (one thread of
-# two on a laptop) and Ray gives an actor one OpenMP thread unless told otherwise.
+# Environment every CPU-mode process needs: DeepSpeed's CPU accelerator, threads, and the vLLM and
+# torch settings below (the KV cache is sized to the run by `patch_vllm_engine_args`). The phases
+# of a step (generate, score, train, sync) run one after another on CPU, so each may use every
+# core: vLLM would otherwise keep one core for its scheduler (one thread of two on a laptop) and
+# Ray gives an actor one OpenMP thread unless told otherwise.
 CPU_ENV = {
     "VLLM_TARGET_DEVICE": "cpu",
     "DS_ACCELERATOR": "cpu",
@@ -39,7 +40,7 @@ CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     # OpenRLHF wraps compute_entropy in @torch.compile. On CPU the first call makes inductor build
     # C++ (15 s on a cold cache, 4 s warm, again when shapes change) for a softmax that eager runs
-    # in milliseconds (benchmarks/vs_trl.py: step 1 4.4 -> 0.5 s, steady steps unchanged).
+    # in milliseconds (tiny model: step 1 4.4 -> 0.5 s, steady steps unchanged).
     "TORCHDYNAMO_DISABLE": "1",
 }
 
@@ -239,7 +240,7 @@ def kv_cache_bytes(model: str, dtype: str, max_model_len: int, sequences: int, t
         config = getattr(config, "text_config", None) or config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        per_token = 2 * config.num_hidden_layers * getattr(config, "num_key_value_heads", heads) * head_dim
+        per_token = 2 * config.num_hidden_layers * (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     except Exception:  # noqa: BLE001 - an architecture this estimate does not know: vLLM's old default
         return KV_CACHE_FALLBACK_BYTES
     itemsize = 4 if str(dtype) in ("float32", "torch.float32") else 2
