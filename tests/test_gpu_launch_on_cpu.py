@@ -73,7 +73,8 @@ def test_ray_runtime_env_of_gpu_runs_asks_nvml(monkeypatch, device, tmp_path):
     args = SimpleNamespace(actor=SimpleNamespace(num_nodes=1, num_gpus_per_node=1),
                            vllm=SimpleNamespace(num_engines=1, tensor_parallel_size=1),
                            algo=SimpleNamespace(kl=SimpleNamespace(init_coef=0)),
-                           critic=SimpleNamespace(model_name_or_path=None))
+                           critic=SimpleNamespace(model_name_or_path=None),
+                           rollout=SimpleNamespace(batch_size=4, n_samples_per_prompt=8))
     monkeypatch.setattr(install, "apply", lambda *a, **k: None)
     monkeypatch.setattr(training, "parse_with_openrlhf", lambda argv: args)
     monkeypatch.setattr(ray, "init", fake_init)
@@ -81,6 +82,8 @@ def test_ray_runtime_env_of_gpu_runs_asks_nvml(monkeypatch, device, tmp_path):
         training.run_openrlhf([], PatchConfig(device=device, run_dir=str(tmp_path)))
     env = captured["runtime_env"]["env_vars"]
     assert (env.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1") == (device == "cuda")
+    # CPU runs size vLLM's KV cache to one rollout: 4 prompts x 8 samples
+    assert env.get("NGRPO_ROLLOUT_SEQUENCES") == ("32" if device == "cpu" else None)
     assert captured["runtime_env"]["worker_process_setup_hook"] == install.HOOK
 
 
