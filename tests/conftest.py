@@ -53,3 +53,16 @@ def hub_model(tiny_model_dir) -> str:
     """HUB_ID, resolvable offline from the test session's Hugging Face cache."""
     put_in_hub_cache(tiny_model_dir, HUB_ID, Path(os.environ["HF_HUB_CACHE"]))
     return HUB_ID
+
+
+@pytest.fixture
+def layout_args():
+    """The parts of OpenRLHF's parsed arguments that `training.ray_init_kwargs` reads: one actor
+    GPU, one vLLM engine, no reference model or critic, 4 prompts x 8 samples a rollout."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(actor=SimpleNamespace(num_nodes=1, num_gpus_per_node=1),
+                           vllm=SimpleNamespace(num_engines=1, tensor_parallel_size=1),
+                           algo=SimpleNamespace(kl=SimpleNamespace(init_coef=0)),
+                           critic=SimpleNamespace(model_name_or_path=None),
+                           rollout=SimpleNamespace(batch_size=4, n_samples_per_prompt=8))

@@ -31,16 +31,12 @@ def _launch_logs(run: Path) -> str:
     return "".join(p.read_text() for p in sorted((run / rundir.LOGS).glob("launch-*.log")))
 
 
-def test_a_run_starts_a_private_ray_unless_told_to_join(monkeypatch):
+def test_a_run_starts_a_private_ray_unless_told_to_join(monkeypatch, layout_args):
     """Without RAY_ADDRESS Ray gets "local" (a new instance, never a cluster some `ray start` left on the
     machine) and logical resources; with RAY_ADDRESS it joins and passes no resources, which Ray refuses."""
-    from types import SimpleNamespace
-
     from openrlhf_patch.config import PatchConfig
 
-    args = SimpleNamespace(actor=SimpleNamespace(num_nodes=1, num_gpus_per_node=1),
-                           vllm=SimpleNamespace(num_engines=1, tensor_parallel_size=1),
-                           algo=SimpleNamespace(kl=SimpleNamespace(init_coef=0)), critic=SimpleNamespace(model_name_or_path=None))
+    args = layout_args
     config = PatchConfig(device="cpu", run_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "ngrpo-ray-kwargs"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     local = training.ray_init_kwargs(config, args)

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -59,7 +58,7 @@ class _StopAtRayInit(Exception):
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-def test_ray_runtime_env_of_gpu_runs_asks_nvml(monkeypatch, device, tmp_path):
+def test_ray_runtime_env_of_gpu_runs_asks_nvml(monkeypatch, device, tmp_path, layout_args):
     import ray
 
     from openrlhf_patch import install
@@ -70,13 +69,8 @@ def test_ray_runtime_env_of_gpu_runs_asks_nvml(monkeypatch, device, tmp_path):
         captured.update(kwargs)
         raise _StopAtRayInit()
 
-    args = SimpleNamespace(actor=SimpleNamespace(num_nodes=1, num_gpus_per_node=1),
-                           vllm=SimpleNamespace(num_engines=1, tensor_parallel_size=1),
-                           algo=SimpleNamespace(kl=SimpleNamespace(init_coef=0)),
-                           critic=SimpleNamespace(model_name_or_path=None),
-                           rollout=SimpleNamespace(batch_size=4, n_samples_per_prompt=8))
     monkeypatch.setattr(install, "apply", lambda *a, **k: None)
-    monkeypatch.setattr(training, "parse_with_openrlhf", lambda argv: args)
+    monkeypatch.setattr(training, "parse_with_openrlhf", lambda argv: layout_args)
     monkeypatch.setattr(ray, "init", fake_init)
     with pytest.raises(_StopAtRayInit):
         training.run_openrlhf([], PatchConfig(device=device, run_dir=str(tmp_path)))
