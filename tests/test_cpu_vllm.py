@@ -6,7 +6,6 @@ sender doing what `broadcast_to_vllm_in_buckets` does for one bucket). Its run i
 and vLLM workers is checked by tests/test_train_pipeline.py (vllm_kl ~ 0 after every sync, and
 the launch log's "[ngrpo] weight sync" line).
 """
-import socket
 import threading
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from openrlhf_patch.cpu_mode import KV_CACHE_FALLBACK_BYTES, GlooBroadcastGroup, kv_cache_bytes, weight_buckets
+from pipelines.warmup import _free_port  # the port helper of the warm-up's own gloo group
 
 
 def test_kv_cache_holds_one_rollout_at_full_length(tmp_path):
@@ -43,12 +43,6 @@ def test_buckets_keep_order_split_at_dtype_changes_and_at_the_size_limit():
     assert buckets == [["p0", "p1"], ["p2"], ["p3", "p4"], ["p5"], ["p6"]]
     assert [n for b in weight_buckets(params, max_bytes=1 << 30) for n, _ in b] == [n for n, _ in params]
     assert [len(b) for b in weight_buckets(params, max_bytes=1 << 30)] == [3, 2, 2]  # dtype runs only
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _receiver_and_sender():
