@@ -125,16 +125,31 @@ def test_patch_is_active_in_the_workers(runs):
         assert m["ngrpo/adv_sum_all_wrong"] == 0.0
 
 
+def _fp32_master_weights(run_dir):
+    """The optimizer's fp32 copy of the weights in the run's last DeepSpeed checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints" / "_actor"))
+
+
 def test_all_wrong_batch_moves_ngrpo_but_not_grpo(runs):
-    base = _weights(runs["model"])
-    grpo = _weights(runs["grpo"]["run"] / "final_model")
-    ngrpo = _weights(runs["ngrpo"]["run"] / "final_model")
-    assert set(base) == set(grpo) == set(ngrpo)
-    unchanged = [k for k in base if torch.equal(base[k], grpo[k])]
-    assert len(unchanged) == len(base), f"GRPO changed {sorted(set(base) - set(unchanged))} on an all-wrong batch"
-    changed = [k for k in base if not torch.equal(base[k], ngrpo[k])]
-    assert len(changed) == len(base), f"NGRPO left {sorted(set(base) - set(changed))} unchanged"
-    assert all(torch.isfinite(t.float()).all() for t in ngrpo.values())
+    """Judged on the fp32 master weights, where one Adam step (~lr = 1e-3) always shows: in the
+    bf16 export a norm weight near 1.0 (bf16 spacing 0.004-0.008) changes only when its steps add
+    up past a rounding midpoint, which depends on vLLM's (unreproducible) samples. The export is
+    then held to be exactly those masters rounded to bf16."""
+    base = {k: v.float() for k, v in _weights(runs["model"]).items()}
+    for algo in ("grpo", "ngrpo"):
+        masters = _fp32_master_weights(runs[algo]["run"])
+        export = _weights(runs[algo]["run"] / "final_model")
+        assert set(base) == set(masters) == set(export), algo
+        differs = [k for k in export if not torch.equal(masters[k].to(export[k].dtype), export[k])]
+        assert not differs, f"{algo}: the exported {differs} are not the trained fp32 weights in bf16"
+        runs[algo]["masters"] = masters
+    moved_by_grpo = [k for k in base if not torch.equal(base[k], runs["grpo"]["masters"][k])]
+    assert not moved_by_grpo, f"GRPO changed {moved_by_grpo} on an all-wrong batch"
+    left_by_ngrpo = [k for k in base if torch.equal(base[k], runs["ngrpo"]["masters"][k])]
+    assert not left_by_ngrpo, f"NGRPO left {left_by_ngrpo} unchanged"
+    assert all(torch.isfinite(t).all() for t in runs["ngrpo"]["masters"].values())
 
 
 def test_vllm_weights_follow_the_actor(runs, tiny_model_dir):
