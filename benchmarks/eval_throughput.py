@@ -9,12 +9,10 @@ the range are printed, so a ratio can be read against the noise of a shared mach
     .venv/bin/python benchmarks/eval_throughput.py                 # tiny random Qwen2, 32 x 128 tokens
     .venv/bin/python benchmarks/eval_throughput.py --model smollm2-135m-instruct --prompts 16 --new-tokens 128
 
-The dtype decides the ratio on this 2-core machine (tiny model, 32 prompts x 128 tokens, 3
-alternating repeats, docs/BENCHMARKS.md): in the model's own bfloat16, transformers' generate runs
-at ~115 tokens/s and vLLM ~1240 (10.8x; the 17.8x of an earlier note was this case); in float32
-transformers runs at ~1400 tokens/s and the ratio falls to 2.7x (range 1.3-7.2x on a shared
-machine). That is the tiny model's size (per-token overhead dominates); on SmolLM2-135M bf16 is
-the faster dtype for both backends and vLLM leads by ~1.5x. Pass --dtype here to see both.
+On this 2-core machine (docs/BENCHMARKS.md): SmolLM2-135M, 16 x 128 tokens, vLLM leads by 2.5x
+eager and 3.5x with --vllm-compile yes (~55 s of compiling at start-up, reported separately); on
+the tiny model both backends are bound by per-token overhead and run at ~1x. Pass --dtype to
+compare dtypes.
 """
 import argparse
 import json
@@ -38,11 +36,13 @@ def main():
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="timed batches per backend, alternating")
     ap.add_argument("--backends", default="vllm,hf")
+    ap.add_argument("--vllm-compile", default="auto", choices=["auto", "yes", "no"],
+                    help="as `ngrpo eval --vllm-compile` (auto: eager on CPU for a job this small)")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
 
     from pipelines import arith
-    from pipelines.evaluation import HFBackend, Request, VLLMBackend
+    from pipelines.evaluation import HFBackend, Request, VLLMBackend, vllm_enforce_eager
     from pipelines.generation import eos_token_ids
     from pipelines.models import resolve_model
     from pipelines.prompts import build_prompt
@@ -65,12 +65,15 @@ def main():
         pad = tok.eos_token_id
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     results = {"model": args.model or "tiny", "prompts": args.prompts, "new_tokens": args.new_tokens,
-               "dtype": args.dtype, "cpu_count": os.cpu_count(), "torch_threads": None}
+               "dtype": args.dtype, "vllm_compile": args.vllm_compile, "cpu_count": os.cpu_count(), "torch_threads": None}
     engines = {}
     for backend in backends:
         t0 = time.perf_counter()
         if backend == "vllm":
-            engines[backend] = VLLMBackend(model, dtype=args.dtype, seed=0,
+            from pipelines.models import detect_device
+
+            eager = vllm_enforce_eager(args.vllm_compile, detect_device() == "cuda", len(requests) * args.new_tokens)
+            engines[backend] = VLLMBackend(model, dtype=args.dtype, seed=0, enforce_eager=eager,
                                            max_model_len=max(len(r.prompt_ids) for r in requests) + args.new_tokens)
         else:
             engines[backend] = HFBackend(model, dtype=args.dtype, batch_size=args.hf_batch_size)
