@@ -278,6 +278,9 @@ def _ship_code(patch_config: PatchConfig) -> dict:
     return {"py_modules": packages, "working_dir": str(code)}
 
 
+PRIVATE_RAY_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
 def ray_init_kwargs(patch_config: PatchConfig, args) -> dict:
     """How this launch starts or joins Ray. Without RAY_ADDRESS a run gets a private local Ray
     instance ("local"), never whatever cluster a `ray start` left registered on the machine; an
@@ -314,6 +317,10 @@ def ray_init_kwargs(patch_config: PatchConfig, args) -> dict:
         env.update(gpu_run.GPU_WORKER_ENV)
     if address == "local":
         kwargs["include_dashboard"] = False  # a private instance: its dashboard costs seconds and memory
+        # Ray prestarts a plain worker per CPU for tasks; every actor of a run needs a worker with
+        # ngrpo's runtime env, which Ray starts anew, so those would only take memory and CPU
+        # while the actors start.
+        kwargs["_system_config"] = PRIVATE_RAY_SYSTEM_CONFIG
     return kwargs
 
 

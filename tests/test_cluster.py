@@ -41,9 +41,12 @@ def test_a_run_starts_a_private_ray_unless_told_to_join(monkeypatch, layout_args
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     local = training.ray_init_kwargs(config, args)
     assert local["address"] == "local" and local["num_gpus"] == 2
+    # no idle workers prestarted beside the actors' own (Ray refuses _system_config for a cluster it joins)
+    assert local["_system_config"] == {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
     joined = training.ray_init_kwargs(config, args)
     assert joined["address"] == "10.1.2.3:6379" and "num_gpus" not in joined and "num_cpus" not in joined
+    assert "_system_config" not in joined
     # ngrpo's code travels with the job: its packages, and the reward entry in the working_dir
     assert sorted(Path(p).name for p in joined["runtime_env"]["py_modules"]) == ["openrlhf_patch", "pipelines"]
     assert (Path(joined["runtime_env"]["working_dir"]) / training.REWARD_ENTRY).is_file()
