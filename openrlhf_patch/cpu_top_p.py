@@ -27,7 +27,9 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor, fallback, candidates: int 
     p = p.to(torch.float32).unsqueeze(1)
     keep = above < p
     keep[:, 0] = True
-    fits = top_probs.sum(dim=-1, keepdim=True) >= p  # every token past the candidates is then out
+    # Every token past the candidates is then out. Not for p = 1 (a row without top-p in a batch
+    # with it), where vLLM keeps any token of non-zero probability and a sum can round up to 1.
+    fits = (top_probs.sum(dim=-1, keepdim=True) >= p) & (p < 1)
     out = torch.full_like(logits, float("-inf"))
     out.scatter_(1, top_idx, torch.where(keep, logits.gather(1, top_idx), float("-inf")))
     rest = ~fits.squeeze(1)

@@ -49,6 +49,17 @@ def test_rows_with_their_own_p_and_a_p_of_one():
     assert torch.isfinite(ours[0]).all() and torch.isfinite(ours[2]).sum() < torch.isfinite(ours[1]).sum()
 
 
+def test_a_row_without_top_p_keeps_its_improbable_tokens():
+    """p = 1 beside rows with top-p: vLLM keeps every token of non-zero probability, even when the
+    most probable tokens' probabilities already sum to 1.0 in float32."""
+    logits = torch.zeros(2, 300)
+    logits[:, 0] = 100.0  # the other 299 tokens: probability ~4e-44 each, not zero
+    p = torch.tensor([1.0, 0.5])
+    ours = top_p_mask(logits.clone(), p, vllm_top_p, candidates=8)
+    assert torch.equal(ours, vllm_top_p(logits.clone(), p))
+    assert torch.isfinite(ours).sum(1).tolist() == [300, 1]
+
+
 def test_the_most_probable_token_always_stays():
     logits = torch.tensor([[10.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 5.0]])
     ours = top_p_mask(logits.clone(), torch.tensor([0.01, 0.01]), vllm_top_p, candidates=2)
