@@ -435,8 +435,9 @@ def _make_backend(backend, model_path, *, dtype, longest_prompt, max_new_tokens,
     if backend == "vllm":
         from pipelines.models import detect_device
 
-        enforce_eager = vllm_enforce_eager(vllm_compile, detect_device() == "cuda", n_requests * max_new_tokens)
-        if not enforce_eager:
+        on_gpu = detect_device() == "cuda"
+        enforce_eager = vllm_enforce_eager(vllm_compile, on_gpu, n_requests * max_new_tokens)
+        if not enforce_eager and not on_gpu:  # on a GPU this is vLLM's default, and quick
             log("vllm: compiling the model (torch.compile; --vllm-compile no skips it)")
         if max_model_len is None:
             cap = model_max_len(model_path, trust_remote_code)
