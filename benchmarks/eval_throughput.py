@@ -42,7 +42,7 @@ def main():
     args = ap.parse_args()
 
     from pipelines import arith
-    from pipelines.evaluation import HFBackend, Request, VLLMBackend, vllm_enforce_eager
+    from pipelines.evaluation import HFBackend, Request, VLLMBackend
     from pipelines.generation import eos_token_ids
     from pipelines.models import resolve_model
     from pipelines.prompts import build_prompt
@@ -70,10 +70,8 @@ def main():
     for backend in backends:
         t0 = time.perf_counter()
         if backend == "vllm":
-            from pipelines.models import detect_device
-
-            eager = vllm_enforce_eager(args.vllm_compile, detect_device() == "cuda", len(requests) * args.new_tokens)
-            engines[backend] = VLLMBackend(model, dtype=args.dtype, seed=0, enforce_eager=eager,
+            engines[backend] = VLLMBackend(model, dtype=args.dtype, seed=0, vllm_compile=args.vllm_compile,
+                                           budget_tokens=len(requests) * args.new_tokens,
                                            max_model_len=max(len(r.prompt_ids) for r in requests) + args.new_tokens)
         else:
             engines[backend] = HFBackend(model, dtype=args.dtype, batch_size=args.hf_batch_size)

@@ -34,7 +34,7 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor, fallback, candidates: int 
     out.scatter_(1, top_idx, torch.where(keep, logits.gather(1, top_idx), float("-inf")))
     rest = ~fits.squeeze(1)
     if rest.any():
-        out[rest] = fallback(logits[rest].clone(), p.squeeze(1)[rest])
+        out[rest] = fallback(logits[rest], p.squeeze(1)[rest])  # a boolean index copies
     return out
 
 
@@ -53,5 +53,4 @@ def install() -> None:
         return original(logits, k, p)
 
     apply_top_k_top_p.ngrpo_top_p = True
-    apply_top_k_top_p.__wrapped_original__ = original
     sampler.apply_top_k_top_p = apply_top_k_top_p

@@ -261,15 +261,35 @@ class HFBackend:
         self.model = None
 
 
+# `--vllm-compile auto` on CPU: torch.compile costs ~40 s of start-up (SmolLM2-135M, 2 cores) and
+# gives ~1.4x the tokens/s of eager mode (benchmarks/eval_throughput.py), so it pays from ~70k
+# generated tokens; judged on the budget (samples x max new tokens), which EOS usually halves.
+COMPILE_MIN_BUDGET_TOKENS = 200_000
+
+
+def vllm_enforce_eager(vllm_compile: str, on_gpu: bool, budget_tokens: int) -> bool:
+    """vLLM's enforce_eager for `--vllm-compile` (auto | yes | no). On a GPU auto compiles and
+    captures CUDA graphs (vLLM's default); on CPU only a job of COMPILE_MIN_BUDGET_TOKENS or more."""
+    if vllm_compile not in ("auto", "yes", "no"):
+        raise EvalError(f"--vllm-compile must be auto, yes or no, not {vllm_compile!r}")
+    if vllm_compile == "auto":
+        return not on_gpu and budget_tokens < COMPILE_MIN_BUDGET_TOKENS
+    return vllm_compile == "no"
+
+
 class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: Optional[int] = None, seed: int = 0,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, enforce_eager: Optional[bool] = None,
-                 trust_remote_code: bool = False):
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, vllm_compile: str = "auto",
+                 budget_tokens: int = 0, trust_remote_code: bool = False, log: Callable[[str], None] = lambda s: None):
+        """BUDGET_TOKENS (samples x max new tokens) decides `--vllm-compile auto` (vllm_enforce_eager)."""
         from pipelines.models import detect_device
 
         on_gpu = detect_device() == "cuda"
+        enforce_eager = vllm_enforce_eager(vllm_compile, on_gpu, budget_tokens)
+        if not enforce_eager and not on_gpu:  # on a GPU this is vLLM's default, and quick
+            log("vllm: compiling the model (torch.compile; --vllm-compile no skips it)")
         if not on_gpu:
             from openrlhf_patch.cpu_mode import VLLM_CPU_ENV
 
@@ -285,8 +305,7 @@ class VLLMBackend:
         from vllm import LLM
 
         kwargs = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
-                      trust_remote_code=trust_remote_code)
+                      enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
         if on_gpu:
             kwargs.update(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
         else:
@@ -412,33 +431,10 @@ def _check_earlier_settings(out_dir: Path, settings: EvalSettings, backend: str,
                                     "dtype": dtype, "model_spec": model_spec}, indent=2))
 
 
-# `--vllm-compile auto` on CPU: torch.compile costs ~40 s of start-up (SmolLM2-135M, 2 cores) and
-# gives ~1.4x the tokens/s of eager mode (benchmarks/eval_throughput.py), so it pays from ~70k
-# generated tokens; judged on the budget (samples x max new tokens), which EOS usually halves.
-COMPILE_MIN_BUDGET_TOKENS = 200_000
-
-
-def vllm_enforce_eager(vllm_compile: str, on_gpu: bool, budget_tokens: int) -> bool:
-    """vLLM's enforce_eager for `--vllm-compile` (auto | yes | no). On a GPU auto compiles and
-    captures CUDA graphs (vLLM's default); on CPU only a job of COMPILE_MIN_BUDGET_TOKENS or more."""
-    if vllm_compile not in ("auto", "yes", "no"):
-        raise EvalError(f"--vllm-compile must be auto, yes or no, not {vllm_compile!r}")
-    if vllm_compile == "auto":
-        return not on_gpu and budget_tokens < COMPILE_MIN_BUDGET_TOKENS
-    return vllm_compile == "no"
-
-
 def _make_backend(backend, model_path, *, dtype, longest_prompt, max_new_tokens, max_model_len, seed, batch_size,
-                  tensor_parallel_size, gpu_memory_utilization, trust_remote_code, log, vllm_compile="auto",
-                  n_requests=0):
+                  tensor_parallel_size, gpu_memory_utilization, trust_remote_code, log, vllm_compile, n_requests):
     t0 = time.time()
     if backend == "vllm":
-        from pipelines.models import detect_device
-
-        on_gpu = detect_device() == "cuda"
-        enforce_eager = vllm_enforce_eager(vllm_compile, on_gpu, n_requests * max_new_tokens)
-        if not enforce_eager and not on_gpu:  # on a GPU this is vLLM's default, and quick
-            log("vllm: compiling the model (torch.compile; --vllm-compile no skips it)")
         if max_model_len is None:
             cap = model_max_len(model_path, trust_remote_code)
             max_model_len = longest_prompt + max_new_tokens if cap is None else min(cap, longest_prompt + max_new_tokens)
@@ -448,7 +444,7 @@ def _make_backend(backend, model_path, *, dtype, longest_prompt, max_new_tokens,
         engine = VLLMBackend(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                              tensor_parallel_size=tensor_parallel_size,
                              gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
-                             enforce_eager=enforce_eager)
+                             vllm_compile=vllm_compile, budget_tokens=n_requests * max_new_tokens, log=log)
     elif backend == "hf":
         engine = HFBackend(model_path, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
     else:
@@ -515,7 +511,7 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
 
 def _generate_pending(pending, problems, model_path, settings, done, samples_path, *, backend, dtype, max_model_len,
                       batch_size, chunk_size, tensor_parallel_size, gpu_memory_utilization, save_token_ids,
-                      trust_remote_code, progress, log, vllm_compile="auto") -> dict:
+                      trust_remote_code, progress, log, vllm_compile) -> dict:
     """Generate and grade the PENDING samples (adding them to DONE and samples.jsonl)."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer

@@ -87,12 +87,13 @@ def test_a_real_vllm_engine_samples_the_same_tokens_through_it(tiny_model_dir):
             return top_p_mask(logits, p, counted_fallback, candidates)
         cpu_top_p.top_p_mask = counting
 
+        original = sampler.apply_top_k_top_p  # VLLMBackend installs cpu_top_p over it
         backend = VLLMBackend({str(tiny_model_dir)!r}, max_model_len=256)
         reqs = [Request(key=(i,), prompt_ids=[1 + i, 7, 9, 11], seed=100 + i) for i in range(8)]
         def sample():
             return [g.token_ids for g in backend.generate(reqs, set(), 0, 0.05, 0.9, 24, ignore_eos=True)]
         patched = sample()
-        sampler.apply_top_k_top_p = sampler.apply_top_k_top_p.__wrapped_original__
+        sampler.apply_top_k_top_p = original
         original = sample()
         backend.close()
         print("RESULT" + json.dumps({{"steps": len(rows), "rows": sum(rows), "sorted": sum(sorted_rows),

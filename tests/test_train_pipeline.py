@@ -138,18 +138,18 @@ def test_all_wrong_batch_moves_ngrpo_but_not_grpo(runs):
     up past a rounding midpoint, which depends on vLLM's (unreproducible) samples. The export is
     then held to be exactly those masters rounded to bf16."""
     base = {k: v.float() for k, v in _weights(runs["model"]).items()}
+    masters = {}
     for algo in ("grpo", "ngrpo"):
-        masters = _fp32_master_weights(runs[algo]["run"])
+        masters[algo] = _fp32_master_weights(runs[algo]["run"])
         export = _weights(runs[algo]["run"] / "final_model")
-        assert set(base) == set(masters) == set(export), algo
-        differs = [k for k in export if not torch.equal(masters[k].to(export[k].dtype), export[k])]
+        assert set(base) == set(masters[algo]) == set(export), algo
+        differs = [k for k in export if not torch.equal(masters[algo][k].to(export[k].dtype), export[k])]
         assert not differs, f"{algo}: the exported {differs} are not the trained fp32 weights in bf16"
-        runs[algo]["masters"] = masters
-    moved_by_grpo = [k for k in base if not torch.equal(base[k], runs["grpo"]["masters"][k])]
+    moved_by_grpo = [k for k in base if not torch.equal(base[k], masters["grpo"][k])]
     assert not moved_by_grpo, f"GRPO changed {moved_by_grpo} on an all-wrong batch"
-    left_by_ngrpo = [k for k in base if torch.equal(base[k], runs["ngrpo"]["masters"][k])]
+    left_by_ngrpo = [k for k in base if torch.equal(base[k], masters["ngrpo"][k])]
     assert not left_by_ngrpo, f"NGRPO left {left_by_ngrpo} unchanged"
-    assert all(torch.isfinite(t).all() for t in runs["ngrpo"]["masters"].values())
+    assert all(torch.isfinite(t).all() for t in masters["ngrpo"].values())
 
 
 def test_vllm_weights_follow_the_actor(runs, tiny_model_dir):
