@@ -11,7 +11,8 @@ replaces one CUDA-only assumption and nothing else:
     sends the weights in a few flat buffers instead of one round trip per tensor
     (`broadcast_to_vllm_in_buckets`);
   * vLLM engines load `CPUWorkerWrap` (openrlhf_patch.cpu_vllm_worker) as their worker extension,
-    because vLLM's CPU engine runs the model in its own process, which Ray's hook never reaches.
+    because vLLM's CPU engine runs the model in its own process, which Ray's hook never reaches;
+  * two processes fewer than upstream: openrlhf_patch/cpu_layout.py.
 """
 import datetime
 import os
@@ -282,3 +283,7 @@ def apply_cpu_patches() -> None:
     patch_torch_cuda()
     patch_openrlhf_for_cpu()
     patch_vllm_engine_args()
+    from openrlhf_patch import cpu_layout
+
+    if cpu_layout.lean_layout():
+        cpu_layout.patch_engine_core_start()

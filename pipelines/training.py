@@ -303,9 +303,10 @@ def ray_init_kwargs(patch_config: PatchConfig, args) -> dict:
     runtime_env = {"worker_process_setup_hook": install.HOOK, "env_vars": env, **_ship_code(patch_config)}
     kwargs = {"address": address, "runtime_env": runtime_env}
     if patch_config.device == "cpu":
-        from openrlhf_patch import cpu_mode
+        from openrlhf_patch import cpu_layout, cpu_mode
 
         env.update(cpu_mode.cpu_env())
+        env[cpu_layout.LAYOUT_ENV] = "lean" if cpu_layout.lean_layout() else "upstream"  # reaches a cluster's workers too
         # sizes the vLLM engines' KV cache to one rollout (cpu_mode.kv_cache_bytes)
         env[cpu_mode.ROLLOUT_SEQUENCES_ENV] = str(args.rollout.batch_size * args.rollout.n_samples_per_prompt)
         if address == "local":
@@ -328,7 +329,7 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
     """Start Ray with ngrpo's worker hook and run OpenRLHF's launcher in this process."""
     import ray
 
-    from openrlhf_patch import install
+    from openrlhf_patch import cpu_layout, install
 
     install.apply(patch_config, role="driver")
     args = parse_with_openrlhf(argv)
@@ -340,6 +341,8 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
     ray_logging.RAY_DEDUP_LOGS = os.environ.get("RAY_DEDUP_LOGS", "0") == "1"
     ray.init(**ray_init_kwargs(patch_config, args))
     try:
+        if patch_config.device == "cpu" and cpu_layout.lean_layout():
+            cpu_layout.run_trainer_in_driver(patch_config.seed)
         with _argv(argv):
             runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
     finally:

