@@ -75,16 +75,16 @@ def run_trainer_in_driver(seed=None) -> None:
     trainer is built, as the worker hook does in a trainer actor (its prompt loader's order)."""
     from openrlhf.trainer import ppo_trainer
 
-    if isinstance(ppo_trainer.PPOTrainer, InProcessActor):
-        return
-
     def seed_torch():
         if seed is not None:
             import torch
 
             torch.manual_seed(seed)
 
-    ppo_trainer.PPOTrainer = InProcessActor(ppo_trainer.PPOTrainer, before_init=seed_torch)
+    actor_class = ppo_trainer.PPOTrainer
+    if isinstance(actor_class, InProcessActor):  # a second run in this process: its own seed
+        actor_class = actor_class.actor_class
+    ppo_trainer.PPOTrainer = InProcessActor(actor_class, before_init=seed_torch)
     print("[ngrpo] CPU layout: the PPOTrainer runs in the driver", file=sys.stderr, flush=True)
 
 

@@ -99,9 +99,10 @@ def test_bad_input_fails_in_one_line_before_anything_starts(case, tmp_path, data
 
 def test_preflight_starts_no_ray(tmp_path, data):
     """The same checks in a fresh process: it exits without ever importing Ray's driver."""
-    code = ("import sys, runpy; sys.argv = ['ngrpo', 'train', '--model', 'no/such-model', '--data', sys.argv[1], "
+    code = ("import sys; sys.argv = ['ngrpo', 'train', '--model', 'no/such-model', '--data', sys.argv[1], "
             "'--output', sys.argv[2], '--device', 'cpu']\n"
-            "try:\n    runpy.run_module('ngrpo_cli.main', run_name='__main__')\n"
+            "from ngrpo_cli.main import cli\n"  # the click app: main() would end the process at once
+            "try:\n    cli()\n"
             "except SystemExit as e:\n    print('exit', e.code, 'ray' in sys.modules and sys.modules['ray'].is_initialized())")
     proc = subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / "run")], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
