@@ -14,6 +14,7 @@ need not exist there:
 `NGRPO_CPU_LAYOUT=upstream` keeps the upstream layout (a trainer actor, a spawned engine core);
 GPU runs always have it.
 """
+import gc
 import multiprocessing
 import os
 import sys
@@ -123,6 +124,10 @@ def patch_engine_core_start() -> None:
     def get_mp_context():
         if openmp_survives_fork():
             print("[ngrpo] CPU layout: vLLM's engine core is forked", file=sys.stderr, flush=True)
+            # Keep the actor's objects out of the garbage collector's reach in both processes: a
+            # collection writes into every object it visits, which would copy their shared pages
+            # (rollout actor + engine core PSS 0.92 -> 0.88 GB on the tiny model).
+            gc.freeze()
             return multiprocessing.get_context("fork")
         print("[ngrpo] CPU layout: vLLM's engine core is spawned (this process has run OpenMP, which a "
               "forked child could not)", file=sys.stderr, flush=True)

@@ -76,3 +76,15 @@ def test_an_in_process_actor_behaves_like_the_ray_actor_it_replaces():
         print(pid == os.getpid(), value, args["steps"], draw == expected, raised)
     """)
     assert out == ["True", "15", "-1", "True", "'from", "the", "trainer'"]
+
+
+def test_the_engine_core_context_is_fork_with_the_parents_objects_frozen():
+    out = _python("""
+        import gc
+        from openrlhf_patch.cpu_layout import patch_engine_core_start
+        patch_engine_core_start()
+        from vllm.v1.engine import utils
+        before = gc.get_freeze_count()
+        print(utils.get_mp_context().get_start_method(), before == 0, gc.get_freeze_count() > 10_000)
+    """)
+    assert out == ["fork", "True", "True"]
