@@ -1,7 +1,8 @@
 """CPU mode: the runtime patches that let OpenRLHF's unmodified GPU pipeline run on a CPU.
 
-Applied in every Ray worker (by the set-up hook) and in the driver; never in GPU mode. Each patch
-replaces one CUDA-only assumption and nothing else:
+Applied in every Ray worker (by the set-up hook) and in the driver, each to its module when the
+process imports it (openrlhf_patch/on_import.py); never in GPU mode. Each patch replaces one
+CUDA-only assumption and nothing else:
   * torch.cuda bookkeeping calls (current_device/set_device/synchronize/current_stream) become
     CPU no-ops, so DeepSpeed strategy, actors and trainer code paths run as written;
   * the replay buffer moves micro-batches to the CPU instead of `cuda:N`;
@@ -194,42 +195,64 @@ def patch_weight_sync(trainer_cls) -> None:
     trainer_cls.broadcast_to_vllm = broadcast_to_vllm
 
 
-def patch_openrlhf_for_cpu() -> None:
-    """Patch the OpenRLHF modules of this process (idempotent; safe before or after import)."""
-    import openrlhf.utils.distributed_util as distributed_util
-    import openrlhf.utils.deepspeed.deepspeed as ds_strategy
-    from openrlhf.trainer.ppo_utils import replay_buffer
-    from openrlhf.trainer.ray import ppo_actor
-
+def _patch_distributed_util(distributed_util) -> None:
     distributed_util.stateless_init_process_group = stateless_init_gloo_group
+
+
+def _patch_ppo_actor(ppo_actor) -> None:
     ppo_actor.stateless_init_process_group = stateless_init_gloo_group  # imported by name there
     patch_weight_sync(ppo_actor.ActorPPOTrainer)  # a plain class: reaches PolicyModelActor by reference
 
+
+def _patch_replay_buffer(replay_buffer) -> None:
     buffer_cls = replay_buffer.NaiveReplayBuffer
-    if not getattr(buffer_cls.__init__, "_ngrpo_cpu", False):
-        upstream_init = buffer_cls.__init__
+    if getattr(buffer_cls.__init__, "_ngrpo_cpu", False):
+        return
+    upstream_init = buffer_cls.__init__
 
-        def __init__(self, *args, **kwargs):
-            # upstream builds torch.device(f"cuda:{current_device()}"): give it an index, then move to CPU.
-            current_device, torch.cuda.current_device = torch.cuda.current_device, lambda: 0
-            try:
-                upstream_init(self, *args, **kwargs)
-            finally:
-                torch.cuda.current_device = current_device
-            self.target_device = torch.device("cpu")
+    def __init__(self, *args, **kwargs):
+        # upstream builds torch.device(f"cuda:{current_device()}"): give it an index, then move to CPU.
+        current_device, torch.cuda.current_device = torch.cuda.current_device, lambda: 0
+        try:
+            upstream_init(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_device = current_device
+        self.target_device = torch.device("cpu")
 
-        __init__._ngrpo_cpu = True
-        buffer_cls.__init__ = __init__
+    __init__._ngrpo_cpu = True
+    buffer_cls.__init__ = __init__
 
+
+def _patch_deepspeed_strategy(ds_strategy) -> None:
     # DeepSpeed's device mesh is created for "cuda"; on CPU the same mesh lives on "cpu".
-    if not getattr(ds_strategy.init_device_mesh, "_ngrpo_cpu", False):
-        upstream_mesh = ds_strategy.init_device_mesh
+    if getattr(ds_strategy.init_device_mesh, "_ngrpo_cpu", False):
+        return
+    upstream_mesh = ds_strategy.init_device_mesh
 
-        def init_device_mesh(device_type, *args, **kwargs):
-            return upstream_mesh("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+    def init_device_mesh(device_type, *args, **kwargs):
+        return upstream_mesh("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
 
-        init_device_mesh._ngrpo_cpu = True
-        ds_strategy.init_device_mesh = init_device_mesh
+    init_device_mesh._ngrpo_cpu = True
+    ds_strategy.init_device_mesh = init_device_mesh
+
+
+# module -> its CPU patch, applied when (if ever) the process imports it (openrlhf_patch/on_import.py)
+OPENRLHF_CPU_PATCHES = {
+    "openrlhf.utils.distributed_util": _patch_distributed_util,
+    "openrlhf.trainer.ray.ppo_actor": _patch_ppo_actor,
+    "openrlhf.trainer.ppo_utils.replay_buffer": _patch_replay_buffer,
+    "openrlhf.utils.deepspeed.deepspeed": _patch_deepspeed_strategy,
+}
+
+
+def patch_openrlhf_for_cpu() -> None:
+    """Patch the OpenRLHF modules of this process as it imports them (idempotent; those already
+    imported at once)."""
+    from openrlhf_patch import upstream
+    from openrlhf_patch.on_import import when_imported
+
+    for module, patch in OPENRLHF_CPU_PATCHES.items():
+        when_imported(module, upstream.checked(module, patch))
 
 
 ROLLOUT_SEQUENCES_ENV = "NGRPO_ROLLOUT_SEQUENCES"  # set by the driver: prompts per step x samples per prompt
@@ -257,14 +280,21 @@ def kv_cache_bytes(model: str, dtype: str, max_model_len: int, sequences: int, t
 def patch_vllm_engine_args() -> None:
     """Make vLLM engines created in this process load the CPU worker extension, with a KV cache
     sized to the rollout (a user's VLLM_CPU_KVCACHE_SPACE still wins: vLLM reads it later), and
-    start their engine core as cpu_layout says."""
-    import vllm
+    start their engine core as cpu_layout says. Applied when the process imports vLLM."""
+    from openrlhf_patch.on_import import when_imported
 
-    if getattr(vllm.AsyncEngineArgs, "_ngrpo_cpu", False):
+    when_imported("vllm", _patch_vllm)
+
+
+def _patch_vllm(vllm) -> None:
+    # vLLM's top-level names are lazy: reading vllm.AsyncEngineArgs imports vLLM's engine
+    # arguments and config (~0.6 s), which only a process that builds an engine needs.
+    if getattr(vllm.__dict__.get("AsyncEngineArgs"), "_ngrpo_cpu", False):
         return
-    upstream = vllm.AsyncEngineArgs
 
     def AsyncEngineArgs(*args, **kwargs):
+        from vllm.engine.arg_utils import AsyncEngineArgs as upstream
+
         if kwargs.get("worker_extension_cls") == UPSTREAM_WORKER_EXTENSION:
             kwargs["worker_extension_cls"] = CPU_WORKER_EXTENSION
         if kwargs.get("kv_cache_memory_bytes") is None and kwargs.get("max_model_len"):

@@ -11,6 +11,7 @@ import os
 import sys
 
 from openrlhf_patch import config as patch_config
+from openrlhf_patch import on_import
 from openrlhf_patch.config import PatchConfig
 
 # Versions whose internals (method names, signatures) the hooks were written and tested against.
@@ -61,33 +62,13 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
 
     # First: OpenRLHF imports flash_attn at module level (the stub goes in only where it is missing).
     cpu_mode.ensure_flash_attn_importable()
+    if role == "driver":
+        upstream.check()  # the driver imports every module of the list anyway: report all at once
+    patch_config.activate(config)
     if config.device == "cpu":
         cpu_mode.apply_cpu_patches()
-
-    upstream.check()
-    from openrlhf.trainer import ppo_trainer
-    from openrlhf.trainer.ppo_utils import experience_maker, samples_generator
-    from openrlhf.trainer.ray import ppo_actor
-
-    from openrlhf_patch import hooks
-
-    patch_config.activate(config)
-
-    maker = experience_maker.RemoteExperienceMaker
-    maker.compute_advantages_and_returns = hooks.wrap_compute_advantages(maker.compute_advantages_and_returns)
-    # ActorPPOTrainer builds its loss from the name imported into ppo_actor.
-    ppo_actor.PolicyLoss = hooks.make_policy_loss_class(ppo_actor.PolicyLoss)
-    ppo_actor.ActorPPOTrainer.training_step = hooks.wrap_training_step(ppo_actor.ActorPPOTrainer.training_step)
-    # The trainer builds its TensorBoard logger from the name imported into ppo_trainer.
-    ppo_trainer.TensorboardLogger = hooks.make_run_logger_class(ppo_trainer.TensorboardLogger)
-    generator = samples_generator.SamplesGenerator
-    generator.generate_samples = hooks.wrap_generate_samples(generator.generate_samples)
-    if not getattr(generator._generate_vllm, "_ngrpo", False):
-        generator._generate_vllm = hooks.make_generate_vllm()
-    # DeepspeedStrategy builds its DeepSpeed config from the name imported into its module.
-    from openrlhf.utils.deepspeed import deepspeed as ds_strategy
-
-    ds_strategy.get_train_ds_config = hooks.wrap_train_ds_config(ds_strategy.get_train_ds_config)
+    for module, patch in HOOK_PATCHES.items():
+        on_import.when_imported(module, upstream.checked(module, patch))
 
     _state["applied"] = config
     print(
@@ -97,6 +78,55 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
         flush=True,
     )
     return config
+
+
+def _patch_experience_maker(experience_maker):
+    from openrlhf_patch import hooks
+
+    maker = experience_maker.RemoteExperienceMaker
+    maker.compute_advantages_and_returns = hooks.wrap_compute_advantages(maker.compute_advantages_and_returns)
+
+
+def _patch_ppo_actor(ppo_actor):
+    from openrlhf_patch import hooks
+
+    # ActorPPOTrainer builds its loss from the name imported into ppo_actor.
+    ppo_actor.PolicyLoss = hooks.make_policy_loss_class(ppo_actor.PolicyLoss)
+    ppo_actor.ActorPPOTrainer.training_step = hooks.wrap_training_step(ppo_actor.ActorPPOTrainer.training_step)
+
+
+def _patch_ppo_trainer(ppo_trainer):
+    from openrlhf_patch import hooks
+
+    # The trainer builds its TensorBoard logger from the name imported into ppo_trainer.
+    ppo_trainer.TensorboardLogger = hooks.make_run_logger_class(ppo_trainer.TensorboardLogger)
+
+
+def _patch_samples_generator(samples_generator):
+    from openrlhf_patch import hooks
+
+    generator = samples_generator.SamplesGenerator
+    generator.generate_samples = hooks.wrap_generate_samples(generator.generate_samples)
+    if not getattr(generator._generate_vllm, "_ngrpo", False):
+        generator._generate_vllm = hooks.make_generate_vllm()
+
+
+def _patch_deepspeed_strategy(ds_strategy):
+    from openrlhf_patch import hooks
+
+    # DeepspeedStrategy builds its DeepSpeed config from the name imported into its module.
+    ds_strategy.get_train_ds_config = hooks.wrap_train_ds_config(ds_strategy.get_train_ds_config)
+
+
+# module -> ngrpo's hook patch, applied when (if ever) the process imports it: the vLLM rollout
+# actor never imports the PPO actor or DeepSpeed, the policy actor never the trainer.
+HOOK_PATCHES = {
+    "openrlhf.trainer.ppo_utils.experience_maker": _patch_experience_maker,
+    "openrlhf.trainer.ray.ppo_actor": _patch_ppo_actor,
+    "openrlhf.trainer.ppo_trainer": _patch_ppo_trainer,
+    "openrlhf.trainer.ppo_utils.samples_generator": _patch_samples_generator,
+    "openrlhf.utils.deepspeed.deepspeed": _patch_deepspeed_strategy,
+}
 
 
 def _node() -> str:

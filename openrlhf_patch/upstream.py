@@ -1,8 +1,10 @@
 """Every OpenRLHF name ngrpo wraps, replaces or relies on: the one list to read when porting.
 
-`check()` runs in `install.apply()` (driver and every worker) after the version check: a name
-that moved or vanished in another OpenRLHF version is reported at once, naming what is missing,
-instead of failing deep inside a worker or, worse, leaving a patch silently inactive.
+The driver runs `check()` in `install.apply()` after the version check; a worker checks a module's
+names when it imports that module, right before patching it (`checked`; on a cluster a node may
+have another OpenRLHF than the driver). A name that moved or vanished in another OpenRLHF version
+is reported at once, naming what is missing, instead of failing deep inside a worker or, worse,
+leaving a patch silently inactive.
 """
 import importlib
 from typing import List, NamedTuple
@@ -69,3 +71,13 @@ def check(symbols=SYMBOLS) -> None:
     if gone:
         raise UpstreamMismatch("this OpenRLHF lacks what ngrpo's patch relies on (openrlhf_patch/upstream.py):\n  "
                                + "\n  ".join(gone))
+
+
+def checked(module_name: str, patch):
+    """PATCH(module), preceded by the check of every name of SYMBOLS in that module."""
+
+    def check_then_patch(module):
+        check([s for s in SYMBOLS if s.module == module_name])
+        patch(module)
+
+    return check_then_patch

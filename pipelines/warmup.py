@@ -20,8 +20,7 @@ How OpenRLHF's SFT script runs without a GPU (`python -m pipelines.warmup ARGV..
     setup_distributed), torch.cuda.current_device (all-reduce of the logged scalars: the CPU
     tensor goes to "cpu") and torch.cuda.synchronize (barrier in save_model).
 Nothing else is patched: the strategy's `init_device_mesh("cuda", ...)` builds a working mesh of
-one rank on a CPU torch, so the mesh patch of `cpu_mode.patch_openrlhf_for_cpu` (which also
-imports the PPO/Ray/vLLM modules) is not needed. Attention is `eager` on CPU.
+one rank on a CPU torch, so the mesh patch of `cpu_mode.patch_openrlhf_for_cpu` is not needed. Attention is `eager` on CPU.
 """
 import json
 import os

@@ -212,7 +212,9 @@ def test_resume_continues_with_unseen_prompts_in_the_same_order(runs):
 
 def test_an_actor_started_by_openrlhf_launcher_reports_the_patch(tmp_path):
     """A PolicyModelActor created by OpenRLHF's own RayActorGroup, in a local Ray cluster started
-    with ngrpo's worker hook, runs the patched code (probed inside the actor's process)."""
+    with ngrpo's worker hook, runs the patched code (probed inside the actor's process). Each worker
+    patches the modules it imports, as it imports them: the policy actor never loads vLLM's engine
+    arguments or the trainer, a worker that loads the rollout actor's module never DeepSpeed."""
     import ray
 
     from openrlhf_patch import install
@@ -224,9 +226,18 @@ def test_an_actor_started_by_openrlhf_launcher_reports_the_patch(tmp_path):
     from openrlhf.trainer.ray.launcher import RayActorGroup
     from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 
+    def loaded():
+        import sys as _sys
+
+        from openrlhf_patch import on_import
+
+        return {"deepspeed": "deepspeed" in _sys.modules, "vllm_engine_args": "vllm.engine.arg_utils" in _sys.modules,
+                "trainer": "openrlhf.trainer.ppo_trainer" in _sys.modules, "waiting": on_import.pending()}
+
     def probe(actor):
         import os as _os
 
+        imported_by_the_actor = loaded()
         from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
         from openrlhf.trainer.ray import ppo_actor
         from openrlhf_patch import install as _install
@@ -234,16 +245,32 @@ def test_an_actor_started_by_openrlhf_launcher_reports_the_patch(tmp_path):
         cfg = _install.active_config()
         return {"pid": _os.getpid(), "estimator": cfg.estimator, "K": cfg.estimator_options["virtual_samples"],
                 "loss": ppo_actor.PolicyLoss.__name__,
-                "advantages_patched": getattr(RemoteExperienceMaker.compute_advantages_and_returns, "_ngrpo", False)}
+                "advantages_patched": getattr(RemoteExperienceMaker.compute_advantages_and_returns, "_ngrpo", False),
+                "gloo_sync": ppo_actor.stateless_init_process_group.__name__, **imported_by_the_actor}
+
+    @ray.remote
+    def rollout_module_loaded():
+        import openrlhf.trainer.ray.vllm_engine  # noqa: F401 - what loading RolloutRayActor imports
+        import vllm
+
+        return {"engine_args_patched": getattr(vllm.__dict__.get("AsyncEngineArgs"), "_ngrpo_cpu", False), **loaded()}
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False,
              runtime_env={"worker_process_setup_hook": install.HOOK, "env_vars": {**config.to_env(), **cpu_env()}})
     try:
         group = RayActorGroup(1, 1, PolicyModelActor, pg=None, num_gpus_per_actor=1)
         report = ray.get(group._actor_handlers[0].__ray_call__.remote(probe))
+        rollout = ray.get(rollout_module_loaded.remote())
     finally:
         ray.shutdown()
     assert report["pid"] != os.getpid()
     assert (report["estimator"], report["K"]) == ("ngrpo", 2)
     assert report["loss"] == "PolicyLossWithClipBounds"
     assert report["advantages_patched"] is True
+    assert report["gloo_sync"] == "stateless_init_gloo_group"  # a CPU patch, applied as ppo_actor loaded
+    assert (report["deepspeed"], report["vllm_engine_args"], report["trainer"]) == (True, False, False)
+    assert report["waiting"] == ["openrlhf.trainer.ppo_trainer", "openrlhf.trainer.ppo_utils.experience_maker",
+                                 "openrlhf.trainer.ppo_utils.samples_generator"]
+    assert rollout["engine_args_patched"] is True
+    assert (rollout["deepspeed"], rollout["vllm_engine_args"], rollout["trainer"]) == (False, False, False)
+    assert "openrlhf.trainer.ray.ppo_actor" in rollout["waiting"]

@@ -1,6 +1,6 @@
 """Import-only stand-ins for the packages a lent GPU machine lacks (Ray, vLLM, datasets, aiohttp, PIL).
 
-`openrlhf_patch.install.apply()` imports OpenRLHF's trainer modules, which import Ray and vLLM at
+OpenRLHF's trainer modules (imported by the worker-hook test, which patches them as they load) import Ray and vLLM at
 module level and use them only later, inside the run (decorators such as `@ray.remote`, names such
 as `vllm.SamplingParams`). The kit can carry at most 64 MiB and Ray's wheel alone is ~74 MB, so
 where (and only where) one of these is not installed, `install()` puts a module in its place that

@@ -1,4 +1,5 @@
-"""(2) ngrpo's Ray worker hook, run for real in a fresh process on a CUDA machine, leaves CUDA alone:
+"""(2) ngrpo's Ray worker hook and the patches it applies as OpenRLHF's modules are imported, run for
+real in a fresh process on a CUDA machine, leave CUDA alone:
 torch's CUDA state uninitialised, and the CUDA driver too (hiding every GPU afterwards still works,
 which is what Ray does when it sets CUDA_VISIBLE_DEVICES after the hook)."""
 import json
@@ -21,7 +22,11 @@ used = standins.install()  # only for Ray / vLLM / datasets when they are not in
 import torch
 from openrlhf_patch import install
 install.worker_setup()
-result = dict(standins=used, torch_initialised=torch.cuda.is_initialized(), applied=install.active_config() is not None)
+# the modules an actor imports next, which get their patches as they load (openrlhf_patch/on_import.py)
+from openrlhf_patch import on_import
+import openrlhf.trainer.ppo_trainer, openrlhf.trainer.ray.ppo_actor
+result = dict(standins=used, torch_initialised=torch.cuda.is_initialized(), applied=install.active_config() is not None,
+              unpatched=on_import.pending())
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # what Ray does after the hook: here, hide every GPU
 result["driver_devices_after_hiding"] = torch._C._cuda_getDeviceCount()
 print("NGRPO-PROBE " + json.dumps(result))
@@ -46,7 +51,7 @@ def _probe(nvml_check: bool) -> dict:
 def test_worker_hook_leaves_cuda_and_the_driver_uninitialised():
     result = _probe(nvml_check=True)
     print(f"stand-ins used: {result['standins'] or 'none'}")
-    assert result["applied"] and not result["torch_initialised"]
+    assert result["applied"] and not result["torch_initialised"] and result["unpatched"] == []
     assert result["driver_devices_after_hiding"] == 0, (
         "the CUDA driver was initialised during the hook: CUDA_VISIBLE_DEVICES set afterwards is ignored")
 
