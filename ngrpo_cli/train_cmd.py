@@ -132,9 +132,9 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
           vllm_engines, vllm_tp, colocate, dry_run, verbose, openrlhf_args, **recipe_flags):
     """Train MODEL on DATA with NGRPO or a baseline, through OpenRLHF.
 
-    Everything is checked before Ray starts and before the run directory is made: the model and
-    its tokenizer, the data, every setting (OpenRLHF's own parser included) and the prompt
-    lengths. Any OpenRLHF flag can follow `--`, e.g. `ngrpo train ... -- --logger.wandb.key KEY`;
+    Everything is checked before training starts and before the run directory is made: the model
+    and its tokenizer, the data, every setting (OpenRLHF's own parser included) and the prompt
+    lengths (on CPU Ray's node starts meanwhile, and stops again if a check fails). Any OpenRLHF flag can follow `--`, e.g. `ngrpo train ... -- --logger.wandb.key KEY`;
     it is appended last, so it wins over the recipe.
     """
     if resume_dir:
@@ -142,26 +142,34 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
     for name, value in (("--model", model), ("--data", data_path), ("--output", run_dir)):
         if value is None and not (dry_run and name == "--output"):
             raise click.UsageError(f"{name} is required (or use --resume RUN_DIR)")
-    plan = _preflight(model, algo, data_path, run_dir, config_path, preset, device, max_steps, save_steps,
-                      keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, nodes,
-                      gpus_per_node,
-                      vllm_engines, vllm_tp, colocate, openrlhf_args, recipe_flags)
-    plan["patch_config"] = dataclasses.replace(plan["patch_config"], max_consecutive_dropped_groups=max_dropped_groups)
-    if plan["device"] == "cuda":
-        _check_gpu_memory(plan, gpu_memory, dry_run)
-    if dry_run:
-        from pipelines import training
+    from pipelines import early_ray
 
-        click.echo(training.command_line(training.materialise_argv(plan["argv"], plan["run_path"])))
-        click.echo("OpenRLHF's parser accepted the command line.", err=True)
-        return
-    _launch(plan, overwrite, verbose)
+    try:
+        plan = _preflight(model, algo, data_path, run_dir, config_path, preset, device, max_steps, save_steps,
+                          keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, nodes,
+                          gpus_per_node, vllm_engines, vllm_tp, colocate, openrlhf_args, recipe_flags,
+                          start_ray=not dry_run)
+        plan["patch_config"] = dataclasses.replace(plan["patch_config"],
+                                                   max_consecutive_dropped_groups=max_dropped_groups)
+        if plan["device"] == "cuda":
+            _check_gpu_memory(plan, gpu_memory, dry_run)
+        if dry_run:
+            from pipelines import training
+
+            click.echo(training.command_line(training.materialise_argv(plan["argv"], plan["run_path"])))
+            click.echo("OpenRLHF's parser accepted the command line.", err=True)
+            return
+        _launch(plan, overwrite, verbose)
+    finally:
+        early_ray.discard()  # a node started early that no launch took: a check failed after it started
 
 
 def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max_steps, save_steps, keep_checkpoints,
                limit, reward_file, eval_data, data_dir, eval_every, long_prompts, nodes, gpus_per_node, vllm_engines,
-               vllm_tp, colocate, openrlhf_args, recipe_flags) -> dict:
-    """Every check that can fail before Ray starts; a failure is one line naming what to fix."""
+               vllm_tp, colocate, openrlhf_args, recipe_flags, start_ray=False) -> dict:
+    """Every check that can fail before the run starts; a failure is one line naming what to fix.
+    With START_RAY a CPU run's Ray node starts in the background once the model, the data and the
+    settings are found, before the checks that import the stack (tokenizer, OpenRLHF's parser)."""
     from pipelines import training
     from pipelines.data import DataError, load_problems
     from pipelines.models import ModelError, detect_device, resolve_model
@@ -192,10 +200,6 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
         raise click.UsageError(f"{data_path}: {len(problems)} problems, fewer than one step's "
                                f"{recipe.prompts_per_step} prompts (--prompts-per-step)")
     long_prompts = long_prompts or ("drop" if preset == "paper" else "refuse")
-    problems = _check_prompt_lengths(problems, resolved.path, recipe.max_prompt_len, long_prompts, data_path)
-    if eval_problems:
-        eval_problems = _check_prompt_lengths(eval_problems, resolved.path, recipe.max_prompt_len, long_prompts,
-                                              f"validation sets {eval_data}")
     layout = training.Layout.for_device(device, nodes=nodes, gpus_per_node=gpus_per_node, vllm_engines=vllm_engines,
                                         vllm_tensor_parallel=vllm_tp, colocate=colocate)
     reward_file = str(Path(reward_file).resolve()) if reward_file else training.DEFAULT_REWARD_FILE
@@ -207,6 +211,16 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
     if device == "cuda" and recipe.packing and not training.gpu_run.flash_attn_usable():
         raise click.UsageError("--packing needs flash-attn built for the installed torch (none is usable here); "
                                "leave it out to train with sdpa attention and padded micro-batches")
+    node = training.early_node_kwargs(argv, device) if start_ray else None
+    if node is not None:
+        # The slow checks below import the stack (seconds): Ray's node comes up meanwhile.
+        from pipelines import early_ray
+
+        early_ray.start(node)
+    problems = _check_prompt_lengths(problems, resolved.path, recipe.max_prompt_len, long_prompts, data_path)
+    if eval_problems:
+        eval_problems = _check_prompt_lengths(eval_problems, resolved.path, recipe.max_prompt_len, long_prompts,
+                                              f"validation sets {eval_data}")
     try:
         args = training.parse_with_openrlhf(training.materialise_argv(argv, run_path))
     except (SystemExit, AssertionError) as err:
@@ -362,7 +376,7 @@ def _execute(run_path, manifest, resume, verbose):
 
 
 def _resume(run_dir, max_steps, verbose):
-    from pipelines import rundir
+    from pipelines import early_ray, rundir, training
 
     run_path = Path(run_dir).resolve()
     try:
@@ -380,8 +394,12 @@ def _resume(run_dir, max_steps, verbose):
             raise click.ClickException(f"{run_path} already has {done} steps (--max-steps {manifest['max_steps']}): "
                                        "pass a larger --max-steps to train on")
         click.echo(f"resuming {run_path} ({status}) from step {rundir.checkpoint_step(run_path)}", err=True)
+        node = training.early_node_kwargs(manifest["openrlhf_argv"], manifest["patch_config"]["device"])
+        if node is not None:
+            early_ray.start(node)  # comes up while the launch imports OpenRLHF to parse the command line
         manifest = _execute(run_path, manifest, resume=True, verbose=verbose)
     finally:
+        early_ray.discard()
         lock.release()
     _say_finished(run_path, manifest)
 

@@ -10,13 +10,14 @@ import os
 import runpy
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
 
 from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS
 from openrlhf_patch.config import PatchConfig
-from pipelines import gpu_memory, gpu_run, rundir
+from pipelines import early_ray, gpu_memory, gpu_run, rundir
 from pipelines.prompts import build_prompt
 from pipelines.recipes import Recipe
 
@@ -235,7 +236,11 @@ def parse_with_openrlhf(argv: List[str]):
         captured["args"] = hierarchize(args)
         return captured["args"]
 
+    parsing_thread = threading.get_ident()
+
     def stop(*a, **k):
+        if threading.get_ident() != parsing_thread:  # Ray's node starting beside the parse (early_ray)
+            return is_initialized(*a, **k)
         raise _ParsedOnly()
 
     openrlhf_config.hierarchize, ray.is_initialized = capture, stop
@@ -281,10 +286,27 @@ def _ship_code(patch_config: PatchConfig) -> dict:
 PRIVATE_RAY_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 
 
+def local_node_kwargs(device: str, logical_gpus: int) -> dict:
+    """ray.init's node settings for a run's private local Ray instance ("local": never whatever
+    cluster a `ray start` left registered on the machine)."""
+    kwargs = {
+        "address": "local",
+        "include_dashboard": False,  # a private instance: its dashboard costs seconds and memory
+        # Ray prestarts a plain worker per CPU for tasks; every actor of a run needs a worker with
+        # ngrpo's runtime env, which Ray starts anew, so those would only take memory and CPU
+        # while the actors start.
+        # a copy: ray.init writes the session's spilling directory into the dict it is given
+        "_system_config": dict(PRIVATE_RAY_SYSTEM_CONFIG),
+    }
+    if device == "cpu":
+        # logical GPUs: Ray places OpenRLHF's actors by them
+        kwargs.update(num_gpus=logical_gpus, num_cpus=max(os.cpu_count() or 1, 2 * logical_gpus + 2))
+    return kwargs
+
+
 def ray_init_kwargs(patch_config: PatchConfig, args) -> dict:
     """How this launch starts or joins Ray. Without RAY_ADDRESS a run gets a private local Ray
-    instance ("local"), never whatever cluster a `ray start` left registered on the machine; an
-    existing cluster decides its own resources, so num_cpus/num_gpus go only to a local one."""
+    instance (local_node_kwargs); an existing cluster decides its own resources."""
     from openrlhf_patch import install
 
     env = {
@@ -299,9 +321,13 @@ def ray_init_kwargs(patch_config: PatchConfig, args) -> dict:
     }
     if patch_config.reward_file and patch_config.reward_file != DEFAULT_REWARD_FILE:
         env.update(NGRPO_USER_REWARD_FILE=patch_config.reward_file, NGRPO_USER_REWARD_COPY=USER_REWARD_COPY)
-    address = os.environ.get("RAY_ADDRESS") or "local"
     runtime_env = {"worker_process_setup_hook": install.HOOK, "env_vars": env, **_ship_code(patch_config)}
-    kwargs = {"address": address, "runtime_env": runtime_env}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs = {"address": address}
+    else:
+        kwargs = local_node_kwargs(patch_config.device, logical_gpus_needed(args))
+    kwargs["runtime_env"] = runtime_env
     if patch_config.device == "cpu":
         from openrlhf_patch import cpu_layout, cpu_mode
 
@@ -309,20 +335,51 @@ def ray_init_kwargs(patch_config: PatchConfig, args) -> dict:
         env[cpu_layout.LAYOUT_ENV] = "lean" if cpu_layout.lean_layout() else "upstream"  # reaches a cluster's workers too
         # sizes the vLLM engines' KV cache to one rollout (cpu_mode.kv_cache_bytes)
         env[cpu_mode.ROLLOUT_SEQUENCES_ENV] = str(args.rollout.batch_size * args.rollout.n_samples_per_prompt)
-        if address == "local":
-            gpus = logical_gpus_needed(args)  # logical GPUs: Ray places OpenRLHF's actors by them
-            kwargs.update(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 2 * gpus + 2))
     else:
         # Ray runs the worker hook before it sets CUDA_VISIBLE_DEVICES: CUDA must not be
         # initialised then, or every actor lands on GPU 0 (pipelines/gpu_run.py).
         env.update(gpu_run.GPU_WORKER_ENV)
-    if address == "local":
-        kwargs["include_dashboard"] = False  # a private instance: its dashboard costs seconds and memory
-        # Ray prestarts a plain worker per CPU for tasks; every actor of a run needs a worker with
-        # ngrpo's runtime env, which Ray starts anew, so those would only take memory and CPU
-        # while the actors start.
-        kwargs["_system_config"] = PRIVATE_RAY_SYSTEM_CONFIG
     return kwargs
+
+
+def early_node_kwargs(argv: List[str], device: str) -> Optional[dict]:
+    """The node settings ray_init_kwargs will give a CPU run's private Ray instance, read from the
+    flags ngrpo wrote (OpenRLHF's parser takes seconds to import); None where Ray is not started
+    early: GPU runs, a cluster (RAY_ADDRESS), or a command line without the flags."""
+    if device != "cpu" or os.environ.get("RAY_ADDRESS"):
+        return None
+    gpus = logical_gpus_from_argv(argv)
+    return None if gpus is None else local_node_kwargs(device, gpus)
+
+
+def logical_gpus_from_argv(argv: List[str]) -> Optional[int]:
+    """logical_gpus_needed() for the flags in ARGV, with OpenRLHF's defaults for what ngrpo leaves
+    out (the rest of the group sizes; a critic only for gae). None when a flag ngrpo always
+    writes is missing. The launch compares the result with OpenRLHF's parse (early_ray.take)."""
+    import argparse
+    from types import SimpleNamespace as NS
+
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in ("--actor.num_nodes", "--actor.num_gpus_per_node", "--vllm.num_engines", "--vllm.tensor_parallel_size"):
+        parser.add_argument(flag, type=int)
+    for group in ("ref", "critic"):
+        parser.add_argument(f"--{group}.num_nodes", type=int, default=1)
+        parser.add_argument(f"--{group}.num_gpus_per_node", type=int, default=8)
+    parser.add_argument("--algo.kl.init_coef", type=float)
+    parser.add_argument("--algo.advantage.estimator")
+    parser.add_argument("--critic.model_name_or_path")
+    got = vars(parser.parse_known_args(argv)[0])
+    if None in (got["actor.num_nodes"], got["actor.num_gpus_per_node"], got["vllm.num_engines"],
+                got["vllm.tensor_parallel_size"], got["algo.kl.init_coef"], got["algo.advantage.estimator"]):
+        return None
+    group = lambda name: NS(num_nodes=got[f"{name}.num_nodes"], num_gpus_per_node=got[f"{name}.num_gpus_per_node"])
+    critic = group("critic")
+    # OpenRLHF's rule: a critic only for gae, from the actor's model when none is named
+    critic.model_name_or_path = (got["critic.model_name_or_path"] or "actor") if got["algo.advantage.estimator"] == "gae" else None
+    args = NS(actor=group("actor"), ref=group("ref"), critic=critic,
+              vllm=NS(num_engines=got["vllm.num_engines"], tensor_parallel_size=got["vllm.tensor_parallel_size"]),
+              algo=NS(kl=NS(init_coef=got["algo.kl.init_coef"])))
+    return logical_gpus_needed(args)
 
 
 def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
@@ -339,7 +396,13 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
     from ray._private import ray_logging
 
     ray_logging.RAY_DEDUP_LOGS = os.environ.get("RAY_DEDUP_LOGS", "0") == "1"
-    ray.init(**ray_init_kwargs(patch_config, args))
+    kwargs = ray_init_kwargs(patch_config, args)
+    early = early_ray.take(kwargs)  # the node `ngrpo train` started while it checked the command line
+    if early is not None:
+        early.init(kwargs)
+        print("[ngrpo] Ray's node was started while the command line was checked", file=sys.stderr, flush=True)
+    else:
+        ray.init(**kwargs)
     try:
         if patch_config.device == "cpu" and cpu_layout.lean_layout():
             cpu_layout.run_trainer_in_driver(patch_config.seed)
@@ -347,6 +410,8 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
             runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
     finally:
         ray.shutdown()
+        if early is not None:
+            early.release()
 
 
 def write_training_file(problems, path: Path) -> int:

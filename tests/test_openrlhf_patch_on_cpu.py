@@ -179,6 +179,13 @@ def test_every_recipe_passes_openrlhf_parser(patched, algo, device):
         assert training.logical_gpus_needed(args) == 2 + (kl > 0) + (algo == "ppo")
     else:
         assert args.train.colocate_all and args.vllm.num_engines == 8
+    # What `ngrpo train` starts Ray's node with before OpenRLHF's parser is imported
+    # (pipelines/early_ray.py), with and without a user's passthrough flags, which win as in the parser.
+    argv = training.build_openrlhf_argv(build_recipe(algo, "paper"), model="Qwen/Qwen2.5-Math-7B", layout=layout)
+    assert training.logical_gpus_from_argv(argv) == training.logical_gpus_needed(args)
+    extra = ["--actor.num_gpus_per_node", "3", "--vllm.num_engines", "2", "--critic.num_nodes", "2"]
+    passthrough = training.parse_with_openrlhf(training.materialise_argv(argv + extra, "/tmp/ngrpo-parse"))
+    assert training.logical_gpus_from_argv(argv + extra) == training.logical_gpus_needed(passthrough)
 
 
 def test_parser_rejects_bad_passthrough(patched):

@@ -131,6 +131,9 @@ def test_patch_is_active_in_the_workers(runs):
     assert "[ngrpo] CPU layout: the PPOTrainer runs in the driver" in lean
     # The engine core was forked, so it never ran the hook: it inherited the patched vLLM worker.
     assert "[ngrpo] CPU layout: vLLM's engine core is forked" in lean
+    # `train` and `train --resume` started Ray's node while they checked the command line (early_ray.py)
+    for log in (upstream, lean, _launch_log(runs["grpo"], 1)):
+        assert "[ngrpo] Ray's node was started while the command line was checked" in log
     for m in _metrics(runs["ngrpo"]["run"]):
         # G=4, K=1, all wrong: mean 1/5, std sqrt(0.2), A = -0.2/sqrt(0.2) = -0.4472 for 16 samples
         assert m["ngrpo/frac_all_wrong"] == 1.0 and m["ngrpo/frac_mixed"] == 0.0

@@ -1,0 +1,137 @@
+"""A CPU run's private Ray node, started while the command still imports and checks its inputs.
+
+On two cores `ray.init` took ~3 s, mostly waiting for Ray's own processes (GCS, raylet, dashboard,
+agents) to come up, after ~5 s in which the driver imported transformers, OpenRLHF, DeepSpeed and
+vLLM to check the command line. `start(node_kwargs)` begins `ray.init` in a background thread as
+soon as the command line is known; `take(node_kwargs)` hands that node to the launch when it was
+started with the same node settings, and otherwise stops it (the launch then starts its own).
+
+How, with Ray's own code doing the work: the thread runs `ray.init(**node_kwargs)` and stops it where
+it would connect a driver (`ray._private.worker.connect`); `EarlyNode.init(kwargs)` runs the real
+`ray.init` (runtime env, job, logging as always) and gives it that node where it would build one
+(`ray._private.node.Node`). The thread lives until the node is released: Ray starts its processes
+with PR_SET_PDEATHSIG, which kills them when the *thread* that started them ends. A process that
+dies takes them along the same way.
+"""
+import atexit
+import copy
+import logging
+import threading
+from typing import Optional
+
+NODE_SETTINGS = ("address", "num_cpus", "num_gpus", "include_dashboard", "_system_config")
+_early = {"node": None}  # this process's one early start, until taken or discarded
+
+
+def node_settings(ray_init_kwargs: dict) -> dict:
+    """The part of ray.init's arguments that shapes the node (not the job: runtime env, logging)."""
+    return {k: v for k, v in ray_init_kwargs.items() if k in NODE_SETTINGS}
+
+
+class _NodeStarted(Exception):
+    pass
+
+
+class EarlyNode:
+    def __init__(self, node_kwargs: dict):
+        self.node_kwargs = node_settings(node_kwargs)
+        self.node = None
+        self.error: Optional[BaseException] = None
+        self._ready, self._released = threading.Event(), threading.Event()
+        # Ray's modules are imported here, in the calling thread: imports of one module from two
+        # threads at once wait on each other, and the caller goes on importing the stack.
+        import ray._private.node  # noqa: F401
+        import ray._private.worker  # noqa: F401
+
+        self._thread = threading.Thread(target=self._start, name="ngrpo-early-ray", daemon=True)
+        self._thread.start()
+
+    def _start(self):
+        import ray
+        from ray._private import worker
+
+        connect = worker.connect
+
+        def stop_before_connecting(node, *args, **kwargs):
+            self.node = node
+            raise _NodeStarted()
+
+        ray_logger = logging.getLogger("ray")
+        level = ray_logger.level
+        ray_logger.setLevel(logging.ERROR)  # the launch's own ray.init logs what a user needs
+        worker.connect = stop_before_connecting
+        try:
+            # a copy: ray.init writes into _system_config, and take() compares the settings
+            ray.init(configure_logging=False, **copy.deepcopy(self.node_kwargs))
+        except _NodeStarted:
+            pass
+        except BaseException as err:  # noqa: BLE001 - reported by take(), where the launch decides
+            self.error = err
+        finally:
+            worker.connect = connect
+            ray_logger.setLevel(level)
+            self._ready.set()
+        self._released.wait()
+
+    def ready(self) -> bool:
+        self._ready.wait()
+        return self.node is not None and self.error is None
+
+    def init(self, ray_init_kwargs: dict):
+        """ray.init(**RAY_INIT_KWARGS) on this node."""
+        import ray
+        from ray._private import node as ray_node
+
+        build = ray_node.Node
+
+        def started_node(*args, **kwargs):
+            return self.node if kwargs.get("head") else build(*args, **kwargs)
+
+        ray_node.Node = started_node
+        try:
+            return ray.init(**ray_init_kwargs)
+        finally:
+            ray_node.Node = build
+
+    def stop(self):
+        """Kill the node's processes (when no driver ever connected) and end the thread."""
+        self._ready.wait()
+        if self.node is not None:
+            from ray._private import worker
+
+            self.node.kill_all_processes(check_alive=False, allow_graceful=True)
+            if worker._global_node is self.node:
+                worker._global_node = None
+        self.release()
+
+    def release(self):
+        """End the thread once the node is shut down (ray.shutdown)."""
+        self._released.set()
+
+
+def start(node_kwargs: dict) -> EarlyNode:
+    discard()
+    _early["node"] = EarlyNode(node_kwargs)
+    return _early["node"]
+
+
+def take(node_kwargs: dict) -> Optional[EarlyNode]:
+    """The node started early when its settings are NODE_KWARGS and it came up, else None (a node
+    started with other settings, or one that failed, is stopped)."""
+    early, _early["node"] = _early["node"], None
+    if early is None:
+        return None
+    if early.node_kwargs == node_settings(node_kwargs) and early.ready():
+        return early
+    early.stop()
+    return None
+
+
+def discard() -> None:
+    """Stop a node started early that no launch took (a check failed after it started)."""
+    early, _early["node"] = _early["node"], None
+    if early is not None:
+        early.stop()
+
+
+atexit.register(discard)

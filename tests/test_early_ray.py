@@ -1,0 +1,119 @@
+"""pipelines/early_ray.py with a real local Ray: the node started in the background is the one the
+launch's ray.init connects to (its runtime env reaches the workers), a node started with other
+settings is stopped before the launch starts its own, and a check that fails after the node started
+leaves none of Ray's processes behind (through `ngrpo train`). That every `ngrpo train` launch of
+the pipeline tests used the early node: tests/test_train_pipeline.py."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import early_ray, training
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _processes(node):
+    return [info.process for infos in node.all_processes.values() for info in infos]
+
+
+def _all_ended(processes, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if all(p.poll() is not None for p in processes):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_the_launch_connects_to_the_node_started_early():
+    import ray
+
+    node_kwargs = training.local_node_kwargs("cpu", 1)
+    early = early_ray.start(node_kwargs)
+    launch = {**node_kwargs, "runtime_env": {"env_vars": {"NGRPO_EARLY_PROBE": "from the launch"}}}
+    assert early_ray.take(launch) is early and early_ray.take(launch) is None  # taken once
+    processes = _processes(early.node)
+    assert len(processes) >= 3 and all(p.poll() is None for p in processes)  # GCS, raylet, dashboard, ...
+    early.init(launch)
+    try:
+        assert ray._private.worker._global_node is early.node
+
+        @ray.remote
+        def env():
+            return os.environ.get("NGRPO_EARLY_PROBE")
+
+        assert ray.get(env.remote()) == "from the launch"
+        assert ray.cluster_resources()["GPU"] == 1
+    finally:
+        ray.shutdown()
+        early.release()
+    assert _all_ended(processes)
+    early._thread.join(10)
+    assert not early._thread.is_alive()
+    # ray.init writes the session's spilling directory into the _system_config it is given: the
+    # next run's must not carry this session's
+    assert training.local_node_kwargs("cpu", 1)["_system_config"] == {"enable_worker_prestart": False,
+                                                                       "prestart_worker_first_driver": False}
+
+
+def test_a_node_started_with_other_settings_is_stopped_and_the_launch_starts_its_own():
+    import ray
+
+    early = early_ray.start(training.local_node_kwargs("cpu", 1))
+    assert early.ready()
+    processes = _processes(early.node)
+    wanted = training.local_node_kwargs("cpu", 2)
+    assert early_ray.take(wanted) is None
+    early._thread.join(10)
+    assert _all_ended(processes) and not early._thread.is_alive()
+    assert ray._private.worker._global_node is None
+    ray.init(**wanted)
+    try:
+        assert ray.cluster_resources()["GPU"] == 2
+    finally:
+        ray.shutdown()
+
+
+FAILING_CHECK = """
+import sys
+from pipelines import early_ray
+started = []
+start = early_ray.start
+early_ray.start = lambda kwargs: started.append(start(kwargs)) or started[-1]
+from ngrpo_cli.main import cli
+try:
+    cli(sys.argv[1:])
+except SystemExit as e:
+    import subprocess, time
+    node = started[0].node if started else None
+    session = node.session_name if node else None
+    deadline = time.time() + 20  # still inside the process that started them
+    while session and subprocess.run(["pgrep", "-f", session]).returncode == 0 and time.time() < deadline:
+        time.sleep(0.2)
+    left = subprocess.run(["pgrep", "-f", str(session)], capture_output=True, text=True).stdout.split()
+    print("exit", e.code, "session", session, "left", len(left))
+"""
+
+
+def test_a_check_that_fails_after_the_node_started_leaves_no_ray_process(tmp_path, tiny_model_dir):
+    """The prompt-length check runs after Ray's node started: it refuses the data, and every process
+    of that Ray session is gone when the command returns."""
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "problem": "What is one plus one? " * 40, "answer": "2"}) + "\n"
+                            for i in range(8)))
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "run"),
+            "--device", "cpu", "--preset", "cpu-tiny", "--prompts-per-step", "4", "--max-prompt-len", "32"]
+    proc = subprocess.run([sys.executable, "-c", FAILING_CHECK, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("exit ")), None)
+    assert line is not None, proc.stdout + proc.stderr
+    code, session, left = line.split()[1], line.split()[3], line.split()[5]
+    assert code == "2" and "prompts are longer than --max-prompt-len 32" in proc.stderr
+    assert session.startswith("session_")  # the node had started before the check failed
+    assert left == "0"
+    assert not (tmp_path / "run").exists()
