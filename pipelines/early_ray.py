@@ -38,8 +38,9 @@ class EarlyNode:
         self.node = None
         self.error: Optional[BaseException] = None
         self._ready, self._released = threading.Event(), threading.Event()
-        # Ray's modules are imported here, in the calling thread: imports of one module from two
-        # threads at once wait on each other, and the caller goes on importing the stack.
+        # Ray's modules are imported here, in the calling thread, so that the thread imports next
+        # to nothing while the caller goes on importing the stack (two threads importing modules
+        # that import each other can deadlock on Python's per-module import locks).
         import ray._private.node  # noqa: F401
         import ray._private.worker  # noqa: F401
 
@@ -65,7 +66,8 @@ class EarlyNode:
             ray.init(configure_logging=False, **copy.deepcopy(self.node_kwargs))
         except _NodeStarted:
             pass
-        except BaseException as err:  # noqa: BLE001 - reported by take(), where the launch decides
+        except BaseException as err:  # noqa: BLE001 - take() declines the node; the launch's own
+            # ray.init then starts Ray and reports what fails
             self.error = err
         finally:
             worker.connect = connect
