@@ -12,6 +12,11 @@ it would connect a driver (`ray._private.worker.connect`); `EarlyNode.init(kwarg
 (`ray._private.node.Node`). The thread lives until the node is released: Ray starts its processes
 with PR_SET_PDEATHSIG, which kills them when the *thread* that started them ends. A process that
 dies takes them along the same way.
+
+Ray's processes inherit this process's environment as it is while they start, so code that runs
+meanwhile must not set a variable meant for itself alone (pipelines/export.py wraps torch.load for
+its weights-only loads instead of setting TORCH_FORCE_WEIGHTS_ONLY_LOAD, which the resumed run's
+DeepSpeed inherited once).
 """
 import atexit
 import copy

@@ -22,8 +22,8 @@ and then checks that every parameter of the HF model is there.
 
 Pickle. DeepSpeed's files are torch pickles and ``zero_to_fp32`` loads them with
 ``weights_only=False``. ngrpo runs every load of a DeepSpeed checkpoint under
-``weights_only_loading``: torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` (read at each call) makes
-every ``torch.load`` weights-only, and ``torch.serialization.safe_globals`` allow-lists the few
+``weights_only_loading``: ``torch.load`` is wrapped for the block to be weights-only whatever its
+caller asks for, and ``torch.serialization.safe_globals`` allow-lists the few
 DeepSpeed classes the files hold (found and tested with torch 2.13 / DeepSpeed 0.19.8, ZeRO 0-3):
 ``LossScaler``/``DynamicLossScaler`` (the loss scaler's state), ``ZeroStageEnum`` (the stage),
 ``fragment_address`` (the parameter -> flat-buffer slices). Nothing else is unpickled: config,
@@ -36,6 +36,7 @@ config, or its optimizer partition's ``zero_stage``).
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pickle
@@ -265,23 +266,29 @@ def deepspeed_safe_globals() -> list:
 @contextlib.contextmanager
 def weights_only_loading(allow_unsafe_pickle: bool = False):
     """Every torch.load in the block runs with weights_only=True and DeepSpeed's classes
-    allow-listed, whatever its caller asks for (zero_to_fp32 asks for weights_only=False): torch
-    reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each call. ALLOW_UNSAFE_PICKLE leaves loading as is."""
+    allow-listed, whatever its caller asks for (zero_to_fp32 asks for weights_only=False).
+    ALLOW_UNSAFE_PICKLE leaves loading as is. torch.load itself is wrapped for the block: torch's
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD would do the same, but an environment variable also reaches every
+    process started meanwhile, such as the Ray node `ngrpo train --resume` starts while it checks
+    the checkpoint, whose DeepSpeed then cannot load the checkpoint."""
     import torch
 
     if allow_unsafe_pickle:
         yield
         return
-    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    load = torch.load
+
+    @functools.wraps(load)
+    def weights_only_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return load(*args, **kwargs)
+
+    torch.load = weights_only_load
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             yield
     finally:
-        if saved is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+        torch.load = load
 
 
 def safe_torch_load(path, map_location="cpu", mmap: bool = False, allow_unsafe_pickle: bool = False):

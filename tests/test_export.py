@@ -12,8 +12,8 @@ What the round trip compares (fp32 throughout):
 * against the base model: training changed the weights and the logits.
 """
 import json
-import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from fixtures_runs import tiny_runs  # noqa: F401  (session fixture: the two shared runs)
 from ngrpo_cli.main import cli
+from pipelines import export
 
 pytestmark = pytest.mark.pipeline
 
@@ -337,9 +338,7 @@ def test_deepspeed_files_are_loaded_with_weights_only(tiny_runs, tmp_path, monke
     real_load = torch.load
 
     def recording_load(f, *args, **kwargs):
-        # what torch will do: TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 overrides the caller's weights_only
-        forced = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") == "1"
-        calls.append((Path(f).name, True if forced else kwargs.get("weights_only")))
+        calls.append((Path(f).name, kwargs.get("weights_only")))
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
@@ -349,6 +348,20 @@ def test_deepspeed_files_are_loaded_with_weights_only(tiny_runs, tmp_path, monke
     assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt",
             "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= names
     assert all(weights_only is True for _, weights_only in calls), calls
+
+
+def test_a_process_started_while_checkpoints_are_checked_loads_as_it_asks():
+    """weights_only_loading wraps torch.load in this process only: a process started meanwhile (the
+    Ray node `train --resume` starts while it checks the checkpoint) must not inherit a forced
+    weights-only load, or its DeepSpeed cannot read the checkpoint (a CI run failed that way)."""
+    import subprocess
+
+    real_load = torch.load
+    with export.weights_only_loading():
+        assert torch.load is not real_load
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('TORCH_FORCE_WEIGHTS_ONLY_LOAD'))"],
+                               capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "None" and torch.load is real_load
 
 
 def test_unknown_pickled_class_is_refused_unless_allowed(tiny_runs, tmp_path):
