@@ -294,8 +294,8 @@ def local_node_kwargs(device: str, logical_gpus: int) -> dict:
         "include_dashboard": False,  # a private instance: its dashboard costs seconds and memory
         # Ray prestarts a plain worker per CPU for tasks; every actor of a run needs a worker with
         # ngrpo's runtime env, which Ray starts anew, so those would only take memory and CPU
-        # while the actors start.
-        # a copy: ray.init writes the session's spilling directory into the dict it is given
+        # while the actors start. A copy: ray.init writes its session's spilling directory into
+        # the dict it is given.
         "_system_config": dict(PRIVATE_RAY_SYSTEM_CONFIG),
     }
     if device == "cpu":
@@ -359,7 +359,11 @@ def logical_gpus_from_argv(argv: List[str]) -> Optional[int]:
     import argparse
     from types import SimpleNamespace as NS
 
-    parser = argparse.ArgumentParser(add_help=False)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # a bad value is OpenRLHF's parser's to report, in the checks
+            raise ValueError(message)
+
+    parser = Parser(add_help=False)
     for flag in ("--actor.num_nodes", "--actor.num_gpus_per_node", "--vllm.num_engines", "--vllm.tensor_parallel_size"):
         parser.add_argument(flag, type=int)
     for group in ("ref", "critic"):
@@ -368,7 +372,10 @@ def logical_gpus_from_argv(argv: List[str]) -> Optional[int]:
     parser.add_argument("--algo.kl.init_coef", type=float)
     parser.add_argument("--algo.advantage.estimator")
     parser.add_argument("--critic.model_name_or_path")
-    got = vars(parser.parse_known_args(argv)[0])
+    try:
+        got = vars(parser.parse_known_args(argv)[0])
+    except ValueError:
+        return None
     if None in (got["actor.num_nodes"], got["actor.num_gpus_per_node"], got["vllm.num_engines"],
                 got["vllm.tensor_parallel_size"], got["algo.kl.init_coef"], got["algo.advantage.estimator"]):
         return None

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import early_ray, training
+from pipelines.recipes import build_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,17 @@ def _all_ended(processes, timeout=30):
             return True
         time.sleep(0.2)
     return False
+
+
+@pytest.mark.parametrize("bad", [["--vllm.num_engines", "many"], ["--actor.num_gpus_per_node"]])
+def test_a_command_line_the_flags_cannot_be_read_from_starts_nothing_early(bad, capsys):
+    """A bad value is left to OpenRLHF's parser, which reports it in the checks: nothing printed here."""
+    argv = training.build_openrlhf_argv(build_recipe("ngrpo", "cpu-tiny"), model="m",
+                                        layout=training.Layout.for_device("cpu"))
+    assert training.early_node_kwargs(argv, "cpu")["num_gpus"] == 2
+    assert training.early_node_kwargs(argv + bad, "cpu") is None
+    assert training.early_node_kwargs(argv, "cuda") is None
+    assert capsys.readouterr().err == ""
 
 
 def test_the_launch_connects_to_the_node_started_early():
