@@ -134,8 +134,9 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
 
     Everything is checked before training starts and before the run directory is made: the model
     and its tokenizer, the data, every setting (OpenRLHF's own parser included) and the prompt
-    lengths (on CPU Ray's node starts meanwhile, and stops again if a check fails). Any OpenRLHF flag can follow `--`, e.g. `ngrpo train ... -- --logger.wandb.key KEY`;
-    it is appended last, so it wins over the recipe.
+    lengths (on CPU Ray's node starts meanwhile, and stops again if a check fails). Any OpenRLHF
+    flag can follow `--`, e.g. `ngrpo train ... -- --logger.wandb.key KEY`; it is appended last,
+    so it wins over the recipe.
     """
     if resume_dir:
         return _resume(resume_dir, max_steps, verbose)
@@ -394,7 +395,7 @@ def _resume(run_dir, max_steps, verbose):
             raise click.ClickException(f"{run_path} already has {done} steps (--max-steps {manifest['max_steps']}): "
                                        "pass a larger --max-steps to train on")
         click.echo(f"resuming {run_path} ({status}) from step {rundir.checkpoint_step(run_path)}", err=True)
-        node = training.early_node_kwargs(manifest["openrlhf_argv"], manifest["patch_config"]["device"])
+        node = training.early_node_kwargs(manifest["openrlhf_argv"], manifest["patch_config"].get("device"))
         if node is not None:
             early_ray.start(node)  # comes up while the launch imports OpenRLHF to parse the command line
         manifest = _execute(run_path, manifest, resume=True, verbose=verbose)
