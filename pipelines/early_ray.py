@@ -25,6 +25,7 @@ import threading
 from typing import Optional
 
 NODE_SETTINGS = ("address", "num_cpus", "num_gpus", "include_dashboard", "_system_config")
+_CONNECT = "connect"  # the function of ray._private.worker that ray.init connects a driver with
 _early = {"node": None}  # this process's one early start, until taken or discarded
 
 
@@ -56,7 +57,7 @@ class EarlyNode:
         import ray
         from ray._private import worker
 
-        connect = worker.connect
+        connect = getattr(worker, _CONNECT, None)
 
         def stop_before_connecting(node, *args, **kwargs):
             self.node = node
@@ -65,7 +66,7 @@ class EarlyNode:
         ray_logger = logging.getLogger("ray")
         level = ray_logger.level
         ray_logger.setLevel(logging.ERROR)  # the launch's own ray.init logs what a user needs
-        worker.connect = stop_before_connecting
+        setattr(worker, _CONNECT, stop_before_connecting)
         try:
             # a copy: ray.init writes into _system_config, and take() compares the settings
             ray.init(configure_logging=False, **copy.deepcopy(self.node_kwargs))
@@ -74,8 +75,16 @@ class EarlyNode:
         except BaseException as err:  # noqa: BLE001 - take() declines the node; the launch's own
             # ray.init then starts Ray and reports what fails
             self.error = err
+        else:
+            # a Ray whose ray.init no longer connects through worker.connect: it connected a
+            # driver without the run's runtime env, which is undone here
+            ray.shutdown()
+            self.error = RuntimeError("ray.init connected a driver without ray._private.worker.connect")
         finally:
-            worker.connect = connect
+            if connect is None:
+                delattr(worker, _CONNECT)
+            else:
+                setattr(worker, _CONNECT, connect)
             ray_logger.setLevel(level)
             self._ready.set()
         self._released.wait()

@@ -91,6 +91,19 @@ def test_a_node_started_with_other_settings_is_stopped_and_the_launch_starts_its
         ray.shutdown()
 
 
+def test_a_ray_that_connects_elsewhere_is_undone_and_declined(monkeypatch):
+    """Should a Ray version connect without ray._private.worker.connect, the thread's ray.init would
+    connect a driver with no runtime env: it is shut down and the node declined."""
+    import ray
+    from ray._private import worker
+
+    monkeypatch.setattr(early_ray, "_CONNECT", "connect_elsewhere")  # patch a name ray.init never calls
+    early = early_ray.start(training.local_node_kwargs("cpu", 1))
+    assert not early.ready() and "without ray._private.worker.connect" in str(early.error)
+    assert early_ray.take(training.local_node_kwargs("cpu", 1)) is None
+    assert not ray.is_initialized() and worker._global_node is None
+
+
 FAILING_CHECK = """
 import sys
 from pipelines import early_ray
