@@ -249,10 +249,8 @@ def patch_openrlhf_for_cpu() -> None:
     """Patch the OpenRLHF modules of this process as it imports them (idempotent; those already
     imported at once)."""
     from openrlhf_patch import upstream
-    from openrlhf_patch.on_import import when_imported
 
-    for module, patch in OPENRLHF_CPU_PATCHES.items():
-        when_imported(module, upstream.checked(module, patch))
+    upstream.patch_on_import(OPENRLHF_CPU_PATCHES)
 
 
 ROLLOUT_SEQUENCES_ENV = "NGRPO_ROLLOUT_SEQUENCES"  # set by the driver: prompts per step x samples per prompt

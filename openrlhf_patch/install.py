@@ -11,7 +11,6 @@ import os
 import sys
 
 from openrlhf_patch import config as patch_config
-from openrlhf_patch import on_import
 from openrlhf_patch.config import PatchConfig
 
 # Versions whose internals (method names, signatures) the hooks were written and tested against.
@@ -67,8 +66,7 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
     patch_config.activate(config)
     if config.device == "cpu":
         cpu_mode.apply_cpu_patches()
-    for module, patch in HOOK_PATCHES.items():
-        on_import.when_imported(module, upstream.checked(module, patch))
+    upstream.patch_on_import(HOOK_PATCHES)
 
     _state["applied"] = config
     print(

@@ -81,3 +81,12 @@ def checked(module_name: str, patch):
         patch(module)
 
     return check_then_patch
+
+
+def patch_on_import(patches: dict) -> None:
+    """Each patch of {module: patch} when its module is imported (openrlhf_patch/on_import.py),
+    right after the check of that module's names."""
+    from openrlhf_patch.on_import import when_imported
+
+    for module, patch in patches.items():
+        when_imported(module, checked(module, patch))
