@@ -212,12 +212,8 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
     if device == "cuda" and recipe.packing and not training.gpu_run.flash_attn_usable():
         raise click.UsageError("--packing needs flash-attn built for the installed torch (none is usable here); "
                                "leave it out to train with sdpa attention and padded micro-batches")
-    node = training.early_node_kwargs(argv, device) if start_ray else None
-    if node is not None:
-        # The slow checks below import the stack (seconds): Ray's node comes up meanwhile.
-        from pipelines import early_ray
-
-        early_ray.start(node)
+    if start_ray:
+        training.start_ray_early(argv, device)  # the checks below import the stack (seconds) meanwhile
     problems = _check_prompt_lengths(problems, resolved.path, recipe.max_prompt_len, long_prompts, data_path)
     if eval_problems:
         eval_problems = _check_prompt_lengths(eval_problems, resolved.path, recipe.max_prompt_len, long_prompts,
@@ -395,9 +391,8 @@ def _resume(run_dir, max_steps, verbose):
             raise click.ClickException(f"{run_path} already has {done} steps (--max-steps {manifest['max_steps']}): "
                                        "pass a larger --max-steps to train on")
         click.echo(f"resuming {run_path} ({status}) from step {rundir.checkpoint_step(run_path)}", err=True)
-        node = training.early_node_kwargs(manifest["openrlhf_argv"], manifest["patch_config"].get("device"))
-        if node is not None:
-            early_ray.start(node)  # comes up while the launch imports OpenRLHF to parse the command line
+        # comes up while the launch imports OpenRLHF to parse the command line
+        training.start_ray_early(manifest["openrlhf_argv"], manifest["patch_config"].get("device"))
         manifest = _execute(run_path, manifest, resume=True, verbose=verbose)
     finally:
         early_ray.discard()

@@ -352,6 +352,14 @@ def early_node_kwargs(argv: List[str], device: str) -> Optional[dict]:
     return None if gpus is None else local_node_kwargs(device, gpus)
 
 
+def start_ray_early(argv: List[str], device: str) -> None:
+    """Start the run's private Ray node in the background (pipelines/early_ray.py) where
+    early_node_kwargs gives its settings; the launch takes it, or `early_ray.discard()` stops it."""
+    node = early_node_kwargs(argv, device)
+    if node is not None:
+        early_ray.start(node)
+
+
 def logical_gpus_from_argv(argv: List[str]) -> Optional[int]:
     """logical_gpus_needed() for the flags in ARGV, with OpenRLHF's defaults for what ngrpo leaves
     out (the rest of the group sizes; a critic only for gae). None when a flag ngrpo always
