@@ -1,6 +1,6 @@
 """ngrpo against TRL's GRPOTrainer on the same model, prompts and settings, side by side.
 
-    .venv/bin/python benchmarks/vs_trl.py --model tiny --setting small [--repeats 2]
+    .venv/bin/python benchmarks/vs_trl.py --model tiny --setting small [--repeats 2] [--memory-runs 1]
     .venv/bin/python benchmarks/vs_trl.py --model smollm2 --setting large
 
 Runs ngrpo (`ngrpo train`, OpenRLHF + Ray + vLLM + DeepSpeed) and TRL (GRPOTrainer, transformers
@@ -8,7 +8,11 @@ generate) alternately, A B A B, each as its own process tree, and prints medians
 ratios of: start-up (launch -> end of step 1), steady step (median of steps 2..N), whole run, and
 the peak memory of the whole process tree as PSS (Ray's workers live outside /usr/bin/time's view;
 PSS splits shared pages between the processes that share them, so summing it does not count the
-same library twice). Both train with the same group size, lengths, learning rate, no KL (beta 0),
+same library twice).
+Times and memory come from separate runs. Reading the PSS of ngrpo's ~15 processes takes ~23 ms
+a sweep (TRL's one process ~2 ms); sweeping every 0.25 s made ngrpo's steady step 14 % slower
+(0.286 -> 0.325 s, tiny model, 3 pairs) and TRL's 3 % (0.116 -> 0.120 s). So the timed runs
+A B A B carry no sampler, and then one more run of each tool (--memory-runs) measures memory. Both train with the same group size, lengths, learning rate, no KL (beta 0),
 one optimizer step per rollout, and the same math-verify reward; TRL is an optional benchmark
 dependency (`pip install trl==1.16.0 torch==2.13.0 transformers==5.19.0`).
 
@@ -95,27 +99,30 @@ class PeakPSS(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def _measure(cmd, env, times_of):
-    """Run CMD; return (whole run s, [end time of each step], peak PSS bytes, launch time)."""
+def _measure(cmd, env, times_of, memory: bool):
+    """Run CMD. A timed run (memory False) returns start-up, steady step and whole run; a memory
+    run returns only the peak PSS of the process tree, as its sampler slows what it measures."""
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sampler = PeakPSS(proc.pid)
-    sampler.start()
+    sampler = PeakPSS(proc.pid) if memory else None
+    if sampler:
+        sampler.start()
     _, err = proc.communicate()
-    sampler.stop.set()
-    sampler.join()
+    wall = time.time() - started
+    if sampler:
+        sampler.stop.set()
+        sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed:\n{err[-3000:]}")
-    return time.time() - started, times_of(), sampler.peak, started
-
-
-def _summary(wall, step_ends, peak, started):
+    if memory:
+        return {"peak_pss_gb": sampler.peak / 2 ** 30}
+    step_ends = times_of()
     steps = [b - a for a, b in zip(step_ends, step_ends[1:])]
     return {"startup_s": step_ends[0] - started, "steady_step_s": statistics.median(steps), "whole_run_s": wall,
-            "peak_pss_gb": peak / 2 ** 30, "steps": len(step_ends)}
+            "steps": len(step_ends)}
 
 
-def run_ngrpo(model, data, work: Path, prompts, group, tokens, steps, env):
+def run_ngrpo(model, data, work: Path, prompts, group, tokens, steps, env, memory=False):
     out = work / "ngrpo-run"
     cmd = [sys.executable, "-m", "ngrpo_cli.main", "train", "--model", str(model), "--data", str(data),
            "--output", str(out), "--device", "cpu", "--preset", "cpu-tiny", "--algo", "grpo", "--kl-mode", "none",
@@ -127,10 +134,10 @@ def run_ngrpo(model, data, work: Path, prompts, group, tokens, steps, env):
     def times():
         return [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    return _summary(*_measure(cmd, env, times))
+    return _measure(cmd, env, times, memory)
 
 
-def run_trl(model, prompts_file, work: Path, prompts, group, tokens, steps, env):
+def run_trl(model, prompts_file, work: Path, prompts, group, tokens, steps, env, memory=False):
     times_file = work / "trl-times.jsonl"
     times_file.unlink(missing_ok=True)
     spec = {"model": str(model), "data": str(prompts_file), "out": str(work / "trl-out"), "steps": steps, "lr": LR,
@@ -141,7 +148,7 @@ def run_trl(model, prompts_file, work: Path, prompts, group, tokens, steps, env)
     def times():
         return [json.loads(line)["time"] for line in times_file.read_text().splitlines()]
 
-    return _summary(*_measure([sys.executable, str(script), json.dumps(spec)], env, times))
+    return _measure([sys.executable, str(script), json.dumps(spec)], env, times, memory)
 
 
 def prepare_model(name: str, work: Path) -> Path:
@@ -162,7 +169,9 @@ def main():
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="small")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="A B pairs (alternating ngrpo, TRL).")
+    parser.add_argument("--repeats", type=int, default=2, help="Timed A B pairs (alternating ngrpo, TRL).")
+    parser.add_argument("--memory-runs", type=int, default=1,
+                        help="Further runs of each tool, alternating, that measure peak memory only.")
     parser.add_argument("--work", default=None, help="Scratch folder (default: a temporary one).")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ngrpo-vs-trl-"))
@@ -180,19 +189,26 @@ def main():
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TOKENIZERS_PARALLELISM": "false"}
     results = {"ngrpo": [], "trl": []}
-    for i in range(args.repeats):
-        results["ngrpo"].append(run_ngrpo(model, data, work, prompts, group, tokens, args.steps, env))
-        results["trl"].append(run_trl(model, trl_prompts, work, prompts, group, tokens, args.steps, env))
-        print(f"pair {i + 1}: ngrpo {json.dumps(results['ngrpo'][-1])}\n        trl   {json.dumps(results['trl'][-1])}",
-              flush=True)
+    memory = {"ngrpo": [], "trl": []}
+    for i in range(args.repeats + args.memory_runs):
+        timed = i < args.repeats
+        got = results if timed else memory
+        got["ngrpo"].append(run_ngrpo(model, data, work, prompts, group, tokens, args.steps, env, memory=not timed))
+        got["trl"].append(run_trl(model, trl_prompts, work, prompts, group, tokens, args.steps, env, memory=not timed))
+        print(f"{'pair' if timed else 'memory run'} {i + 1 if timed else i + 1 - args.repeats}: "
+              f"ngrpo {json.dumps(got['ngrpo'][-1])}\n        trl   {json.dumps(got['trl'][-1])}", flush=True)
     print(f"\n{args.model}, {prompts} prompts x {group} samples x {tokens} tokens, {args.steps} steps, "
-          f"medians of {args.repeats} alternating runs each:")
+          f"medians of {args.repeats} alternating timed runs and {args.memory_runs} memory run(s) each:")
     print(f"{'measure':16s} {'TRL':>10s} {'ngrpo':>10s} {'ngrpo/TRL':>10s}")
-    for key in ("startup_s", "steady_step_s", "whole_run_s", "peak_pss_gb"):
-        a = statistics.median(r[key] for r in results["trl"])
-        b = statistics.median(r[key] for r in results["ngrpo"])
-        spread = max(r[key] for r in results["ngrpo"]) - min(r[key] for r in results["ngrpo"])
+    for key, runs in (("startup_s", results), ("steady_step_s", results), ("whole_run_s", results),
+                      ("peak_pss_gb", memory)):
+        if not runs["ngrpo"]:
+            continue
+        a = statistics.median(r[key] for r in runs["trl"])
+        b = statistics.median(r[key] for r in runs["ngrpo"])
+        spread = max(r[key] for r in runs["ngrpo"]) - min(r[key] for r in runs["ngrpo"])
         print(f"{key:16s} {a:10.3f} {b:10.3f} {b / a:10.2f}   (ngrpo spread {spread:.3f})")
+    results["memory"] = memory
     (work / "vs_trl.json").write_text(json.dumps(results, indent=2))
     print(f"raw numbers: {work / 'vs_trl.json'}")
 

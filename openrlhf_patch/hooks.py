@@ -17,6 +17,8 @@
    eval_metrics.jsonl and a progress line per step).
 5. Optimizer (inside PolicyModelActor and CriticModelActor): where DeepSpeed's FusedAdam cannot be
    compiled (on CPU, and on a GPU node without nvcc), DeepSpeed is told to use torch's AdamW.
+6. Start-up (inside PolicyModelActor): `ActorPPOTrainer._init_vllm_sync_group` fails at once,
+   with the engine's own error, when a vLLM engine died while it was being created.
 
 Only plain classes are patched. A @ray.remote class (PPOTrainer, PolicyModelActor) is shipped to
 the workers with its own copies of every inherited method, taken when the class is decorated, so
@@ -406,3 +408,72 @@ def wrap_train_ds_config(upstream):
 
     get_train_ds_config._ngrpo = True
     return get_train_ds_config
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Start-up: a vLLM engine that failed to start stops the run at once
+# ---------------------------------------------------------------------------------------------
+ENGINE_POLL_S = 1.0
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+def wrap_init_vllm_sync_group(upstream):
+    """The policy actor's rank 0 forms the weight-sync group with every vLLM engine and waits for
+    all of them (up to the group's 10-minute timeout). An engine whose creation failed never
+    joins, and the run used to sit there, then fail with a store timeout that hid the cause.
+    Here the group forms in a thread while this one watches the engines; a dead engine's
+    creation error is raised at once."""
+    if getattr(upstream, "_ngrpo", False):
+        return upstream
+
+    @functools.wraps(upstream)
+    def _init_vllm_sync_group(self, *args, **kwargs):
+        import threading
+
+        import ray
+
+        engines = list(self.vllm_engines)
+        # __ray_ready__ resolves once an engine is created, or raises its creation error.
+        ready = {engine.__ray_ready__.remote(): i for i, engine in enumerate(engines)}
+        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        outcome = {}
+
+        def form_group():
+            try:
+                if device is not None:  # the current CUDA device is per thread
+                    torch.cuda.set_device(device)
+                upstream(self, *args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+                outcome["error"] = e
+
+        thread = threading.Thread(target=form_group, name="ngrpo-vllm-sync-group", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(ENGINE_POLL_S)
+            done, _ = ray.wait(list(ready), num_returns=len(ready), timeout=0)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    raise EngineStartError(
+                        f"vLLM engine {ready[ref]} of {len(engines)} failed to start (its traceback is in the "
+                        f"launch log):\n{_last_exception(str(e))}") from None
+                del ready[ref]
+        if "error" in outcome:
+            raise outcome["error"]
+
+    _init_vllm_sync_group._ngrpo = True
+    return _init_vllm_sync_group
+
+
+def _last_exception(traceback_text: str, max_chars: int = 600) -> str:
+    """The last exception of a traceback as text: from its `Type: message` line (at column 0) to
+    the end, cut at MAX_CHARS (vLLM's message lists every architecture it knows)."""
+    lines = traceback_text.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line[:1].strip() and ":" in line and not line.startswith("  ")
+              and line.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()]
+    text = "\n".join(lines[starts[-1]:] if starts else lines[-1:]).strip()
+    return text if len(text) <= max_chars else text[:max_chars] + " ..."

@@ -27,6 +27,7 @@ SYMBOLS = (
     Symbol("openrlhf.trainer.ppo_utils.length_penalty", "apply_length_penalties", "called"),
     Symbol("openrlhf.trainer.ray.ppo_actor", "PolicyLoss", "subclassed"),
     Symbol("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer.training_step", "wrapped"),
+    Symbol("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer._init_vllm_sync_group", "wrapped"),
     Symbol("openrlhf.trainer.ppo_trainer", "TensorboardLogger", "subclassed"),
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator.generate_samples", "wrapped"),
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._generate_vllm", "replaced"),

@@ -461,11 +461,13 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 def describe_failure(err: BaseException) -> str:
-    from openrlhf_patch.hooks import RewardError
+    from openrlhf_patch.hooks import EngineStartError, RewardError
 
     cause = root_cause(err)
     if isinstance(cause, RewardError):
         return str(cause).strip()  # written for the user, with the reward file's own traceback
+    if isinstance(cause, EngineStartError):
+        return f"{type(cause).__name__}: {str(cause).strip()}"  # written for the user, with vLLM's reason
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 

@@ -205,6 +205,47 @@ def test_bad_rewards_stop_the_run_with_one_clear_message(kind, tmp_path, tiny_mo
     assert not (run / rundir.FINAL_MODEL).exists()  # no "final model" that is the base model
 
 
+@pytest.mark.pipeline
+def test_a_vllm_engine_that_fails_to_start_stops_the_run_at_once(tmp_path, tiny_model_dir):
+    """A model vLLM cannot serve (an architecture it does not know; transformers loads it by its
+    model_type, so the policy starts): the rollout actor dies while it is created. The policy's
+    weight-sync group used to wait for it until its 10-minute store timeout; the subprocess
+    timeout below is well under that, so without the fix this test fails."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["NgrpoNoSuchForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    proc = ngrpo("train", "--model", model, "--data", write_problems(tmp_path / "d.jsonl"), "--output", run, *CPU,
+                 "--max-steps", "2", timeout=300)
+    assert proc.returncode != 0
+    err = proc.stderr
+    first_error = err[err.index("Error: "):]
+    assert first_error.startswith("Error: training failed: EngineStartError: vLLM engine 0 of 1 failed to start"), \
+        err[-3000:]
+    # vLLM's own reason, in the message's next lines
+    assert "Model architectures ['NgrpoNoSuchForCausalLM'] are not supported" in "\n".join(first_error.splitlines()[:3])
+    manifest = rundir.read_manifest(run)
+    assert manifest["status"] == "failed" and manifest["global_step"] == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The actor died because of an error raised in its creation task, ray::A.__init__() (pid=1)\n"
+     '  File "a.py", line 3, in f\n    raise E\nValueError: one\n\nDuring handling\n'
+     "pydantic_core.ValidationError: 1 validation error\n  Value error, no such model\n",
+     "pydantic_core.ValidationError: 1 validation error\n  Value error, no such model"),
+    ("RuntimeError: Engine core initialization failed. See root cause above.",
+     "RuntimeError: Engine core initialization failed. See root cause above."),
+    ("no exception line", "no exception line"),
+    ("KeyError: " + "k" * 700, "KeyError: " + "k" * 590 + " ..."),
+])
+def test_an_engine_error_is_cut_to_its_last_exception(text, expected):
+    from openrlhf_patch.hooks import _last_exception
+
+    assert _last_exception(text) == expected
+
+
 def _wait_for(predicate, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
