@@ -12,9 +12,10 @@ same library twice).
 Times and memory come from separate runs. Reading the PSS of ngrpo's ~15 processes takes ~23 ms
 a sweep (TRL's one process ~2 ms); sweeping every 0.25 s made ngrpo's steady step 14 % slower
 (0.286 -> 0.325 s, tiny model, 3 pairs) and TRL's 3 % (0.116 -> 0.120 s). So the timed runs
-A B A B carry no sampler, and then one more run of each tool (--memory-runs) measures memory. Both train with the same group size, lengths, learning rate, no KL (beta 0),
-one optimizer step per rollout, and the same math-verify reward; TRL is an optional benchmark
-dependency (`pip install trl==1.16.0 torch==2.13.0 transformers==5.19.0`).
+A B A B carry no sampler, and then one more run of each tool (--memory-runs) measures memory.
+Both train with the same group size, lengths, learning rate, no KL (beta 0), one optimizer step
+per rollout, and the same math-verify reward; TRL is an optional benchmark dependency
+(`pip install trl==1.16.0 torch==2.13.0 transformers==5.19.0`).
 
 The machine must be otherwise idle: on 2 shared cores everything else running changes both sides.
 """
