@@ -30,6 +30,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -473,7 +474,6 @@ def _last_exception(traceback_text: str, max_chars: int = 600) -> str:
     """The last exception of a traceback as text: from its `Type: message` line (at column 0) to
     the end, cut at MAX_CHARS (vLLM's message lists every architecture it knows)."""
     lines = traceback_text.rstrip().splitlines()
-    starts = [i for i, line in enumerate(lines) if line[:1].strip() and ":" in line and not line.startswith("  ")
-              and line.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()]
+    starts = [i for i, line in enumerate(lines) if re.match(r"[\w.]+:", line)]
     text = "\n".join(lines[starts[-1]:] if starts else lines[-1:]).strip()
     return text if len(text) <= max_chars else text[:max_chars] + " ..."

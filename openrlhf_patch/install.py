@@ -90,8 +90,8 @@ def _patch_ppo_actor(ppo_actor):
 
     # ActorPPOTrainer builds its loss from the name imported into ppo_actor.
     ppo_actor.PolicyLoss = hooks.make_policy_loss_class(ppo_actor.PolicyLoss)
-    ppo_actor.ActorPPOTrainer.training_step = hooks.wrap_training_step(ppo_actor.ActorPPOTrainer.training_step)
     trainer = ppo_actor.ActorPPOTrainer
+    trainer.training_step = hooks.wrap_training_step(trainer.training_step)
     trainer._init_vllm_sync_group = hooks.wrap_init_vllm_sync_group(trainer._init_vllm_sync_group)
 
 
