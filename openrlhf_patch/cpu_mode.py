@@ -13,7 +13,7 @@ CUDA-only assumption and nothing else:
     (`broadcast_to_vllm_in_buckets`);
   * vLLM engines load `CPUWorkerWrap` (openrlhf_patch.cpu_vllm_worker) as their worker extension,
     because vLLM's CPU engine runs the model in its own process, which Ray's hook never reaches;
-  * two processes fewer than upstream: openrlhf_patch/cpu_layout.py.
+  * three processes fewer than upstream: openrlhf_patch/cpu_layout.py.
 """
 import datetime
 import os

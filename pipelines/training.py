@@ -419,9 +419,12 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
     else:
         ray.init(**kwargs)
     try:
-        if patch_config.device == "cpu" and cpu_layout.lean_layout():
+        lean = patch_config.device == "cpu" and cpu_layout.lean_layout()
+        if lean:
             cpu_layout.run_trainer_in_driver(patch_config.seed)
-        with _argv(argv):
+        # On a cluster the policy stays on the nodes Ray places it on.
+        policy_here = cpu_layout.policy_in_driver() if lean and kwargs["address"] == "local" else contextlib.nullcontext()
+        with policy_here, _argv(argv):
             runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
     finally:
         ray.shutdown()

@@ -1,7 +1,8 @@
-"""CPU mode's process layout (openrlhf_patch/cpu_layout.py): the trainer in the driver, vLLM's
-engine core forked when OpenMP allows it. Both run inside real training runs in
+"""CPU mode's process layout (openrlhf_patch/cpu_layout.py): the trainer and the policy in the
+driver, vLLM's engine core forked when OpenMP allows it. Both run inside real training runs in
 tests/test_train_pipeline.py (the launch log's "[ngrpo] CPU layout" lines, the patch counted per
 worker, the same data order as in OpenRLHF's own layout); here are their edges."""
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,78 @@ def test_an_in_process_actor_behaves_like_the_ray_actor_it_replaces():
         print(pid == os.getpid(), value, args["steps"], draw == expected, raised)
     """)
     assert out == ["True", "15", "-1", "True", "'from", "the", "trainer'"]
+
+
+def test_an_in_process_actor_keeps_what_its_own_process_would_give_it():
+    """Arguments by value with ObjectRefs resolved, its own global random state (the driver's draws
+    do not move it, its draws do not move the driver's), and a handle that pickles as a reference."""
+    out = _python("""
+        import random, ray, torch
+        import numpy as np
+        from openrlhf_patch.cpu_layout import InProcessActor
+
+        @ray.remote
+        class Policy:
+            def __init__(self):
+                torch.manual_seed(3); random.seed(3); np.random.seed(3)
+            def keep(self, items, chunk):
+                items.append("kept")
+                return len(items), chunk["n"]
+            def draw(self):
+                return torch.rand(1).item(), random.random(), float(np.random.rand())
+
+        ray.init(num_cpus=1, include_dashboard=False)
+        torch.manual_seed(0); random.seed(0); np.random.seed(0)
+        driver_expected = (torch.rand(2).tolist(), random.random(), float(np.random.rand()))
+        torch.manual_seed(0); random.seed(0); np.random.seed(0)
+        handle = InProcessActor(Policy).remote()
+        first = ray.get(handle.draw.remote())
+        driver = (torch.rand(1).tolist(), random.random(), float(np.random.rand()))
+        second = ray.get(handle.draw.remote())
+        driver = (driver[0] + torch.rand(1).tolist(), driver[1], driver[2])
+        torch.manual_seed(3); random.seed(3); np.random.seed(3)
+        own = [(torch.rand(1).item(), random.random(), float(np.random.rand())) for _ in range(2)]
+        items = ["a"]
+        kept = ray.get(handle.keep.remote(items, ray.put({"n": 7})))
+        same = ray.get(ray.put([handle]))[0] is handle
+        ray.shutdown()
+        print([first, second] == own, driver == driver_expected, kept == (2, 7), items == ["a"], same)
+    """)
+    assert out == ["True"] * 5
+
+
+def test_policy_in_driver_takes_one_policy_actor_for_one_launch():
+    """Inside `policy_in_driver()` OpenRLHF's RayActorGroup of one PolicyModelActor is an in-process
+    actor (built by BaseDistributedActor as upstream's rank 0); two of them, or another actor class,
+    stay Ray actors, and outside it so does the policy. Afterwards the driver has no
+    torch.distributed group and its environment back."""
+    out = _python("""
+        import json, os, ray, torch
+        os.environ["MASTER_PORT"] = "1234"
+        from openrlhf_patch import cpu_layout
+        from openrlhf_patch.cpu_mode import ensure_flash_attn_importable
+        ensure_flash_attn_importable()
+        from openrlhf.trainer.ray.launcher import RayActorGroup, ReferenceModelActor
+        from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+
+        ray.init(num_cpus=4, num_gpus=4, include_dashboard=False)
+        def kinds(group):
+            return [type(h).__name__ for h in group._actor_handlers]
+        with cpu_layout.policy_in_driver():
+            one = RayActorGroup(1, 1, PolicyModelActor, pg=None, num_gpus_per_actor=1)
+            port = os.environ["MASTER_PORT"]
+            torch.distributed.init_process_group("gloo", rank=0, world_size=1)  # as DeepSpeed would
+            two = RayActorGroup(1, 2, PolicyModelActor, pg=None, num_gpus_per_actor=1)
+            ref = RayActorGroup(1, 1, ReferenceModelActor, pg=None, num_gpus_per_actor=1)
+        after = RayActorGroup(1, 1, PolicyModelActor, pg=None, num_gpus_per_actor=1)
+        addr, _ = ray.get(one._actor_handlers[0].get_master_addr_port.remote())
+        result = [kinds(one), kinds(two), kinds(ref), kinds(after), port != "1234", addr != "",
+                  os.environ["MASTER_PORT"], os.environ.get("RANK"), torch.distributed.is_initialized()]
+        ray.shutdown()
+        print(json.dumps(result, separators=(",", ":")))  # one word, the last: DeepSpeed prints to stdout
+    """, timeout=300)
+    assert json.loads(out[-1]) == [["_InProcessHandle"], ["ActorHandle", "ActorHandle"], ["ActorHandle"],
+                                   ["ActorHandle"], True, True, "1234", None, False]
 
 
 def test_the_engine_core_context_is_fork_with_the_parents_objects_frozen():

@@ -121,14 +121,15 @@ def _patched_workers(log):
 
 
 def test_patch_is_active_in_the_workers(runs):
-    """The advantages of the metrics were computed by the patch inside the PPOTrainer, a Ray actor
-    in OpenRLHF's layout (step 1) and the driver in CPU mode's (step 2), and the loss statistics by
-    the patched loss inside PolicyModelActor."""
+    """The advantages of the metrics were computed by the patch inside the PPOTrainer, and the loss
+    statistics by the patched loss inside PolicyModelActor: both Ray actors in OpenRLHF's layout
+    (step 1), both in the driver in CPU mode's (step 2)."""
     upstream, lean = _launch_log(runs["ngrpo"], 1), _launch_log(runs["ngrpo"], 2)
     assert len(_patched_workers(upstream)) == 3  # PPOTrainer, PolicyModelActor, vLLM rollout actor
     assert "CPU layout" not in upstream
-    assert len(_patched_workers(lean)) == 2  # PolicyModelActor, vLLM rollout actor
+    assert len(_patched_workers(lean)) == 1  # the vLLM rollout actor
     assert "[ngrpo] CPU layout: the PPOTrainer runs in the driver" in lean
+    assert "[ngrpo] CPU layout: the policy runs in the driver" in lean
     # The engine core was forked, so it never ran the hook: it inherited the patched vLLM worker.
     assert "[ngrpo] CPU layout: vLLM's engine core is forked" in lean
     # `train` and `train --resume` started Ray's node while they checked the command line (early_ray.py)
