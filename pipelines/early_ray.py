@@ -126,6 +126,15 @@ class EarlyNode:
 
 
 def start(node_kwargs: dict) -> EarlyNode:
+    # Ray starts its processes with a preexec_fn, so each fork in the node's thread takes logging's
+    # lock and then the import lock. setuptools' distutils finder imports setuptools while the
+    # import lock is held, and that import takes logging's lock: a launch importing DeepSpeed
+    # (which imports distutils) at that moment deadlocked, seen twice in CI. Imported here first,
+    # distutils is in sys.modules and no finder runs for it again (0.1 s, spent later anyway).
+    try:
+        import distutils  # noqa: F401
+    except ImportError:
+        pass
     discard()
     _early["node"] = EarlyNode(node_kwargs)
     return _early["node"]
