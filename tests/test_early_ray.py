@@ -42,31 +42,43 @@ def test_a_command_line_the_flags_cannot_be_read_from_starts_nothing_early(bad, 
     assert capsys.readouterr().err == ""
 
 
-def test_the_launch_connects_to_the_node_started_early():
+def test_the_launch_connects_to_the_node_started_early(capfd):
     import ray
+    from ray._private import ray_constants
 
     node_kwargs = training.local_node_kwargs("cpu", 1)
     early = early_ray.start(node_kwargs)
     launch = {**node_kwargs, "runtime_env": {"env_vars": {"NGRPO_EARLY_PROBE": "from the launch"}}}
     assert early_ray.take(launch) is early and early_ray.take(launch) is None  # taken once
     processes = _processes(early.node)
-    assert len(processes) >= 3 and all(p.poll() is None for p in processes)  # GCS, raylet, dashboard, ...
+    assert all(p.poll() is None for p in processes)
+    # a lean node: no autoscaler monitor, log monitor or API server of its own
+    assert set(early.node.all_processes) == {ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET}
     early.init(launch)
     try:
         assert ray._private.worker._global_node is early.node
 
         @ray.remote
         def env():
+            print("NGRPO_EARLY_PROBE printed by a worker", flush=True)
             return os.environ.get("NGRPO_EARLY_PROBE")
 
         assert ray.get(env.remote()) == "from the launch"
         assert ray.cluster_resources()["GPU"] == 1
+        # the driver's log thread publishes the worker's line, as Ray's log monitor would
+        deadline, seen = time.time() + 20, ""
+        while "NGRPO_EARLY_PROBE printed by a worker" not in seen and time.time() < deadline:
+            time.sleep(0.2)
+            seen += capfd.readouterr().out
+        assert "NGRPO_EARLY_PROBE printed by a worker" in seen
     finally:
         ray.shutdown()
         early.release()
     assert _all_ended(processes)
     early._thread.join(10)
-    assert not early._thread.is_alive()
+    early._log_thread.join(10)
+    assert not early._thread.is_alive() and not early._log_thread.is_alive()
+    assert "log monitor stopped" not in capfd.readouterr().err
     # ray.init writes the session's spilling directory into the _system_config it is given: the
     # next run's must not carry this session's
     assert training.local_node_kwargs("cpu", 1)["_system_config"] == {"enable_worker_prestart": False,
