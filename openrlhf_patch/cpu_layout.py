@@ -180,12 +180,6 @@ def policy_in_driver():
     import torch
 
     _patch_actor_groups()
-    # CPU mode runs without torch.compile (cpu_mode.CPU_ENV); torch read TORCHDYNAMO_DISABLE when
-    # the driver imported it, before that default was set, and the policy's entropy is compiled.
-    if os.environ.get("TORCHDYNAMO_DISABLE") == "1":
-        import torch._dynamo
-
-        torch._dynamo.config.disable = True
     saved = {key: os.environ.get(key) for key in DISTRIBUTED_ENV}
     _launch["policy_in_driver"] = True
     try:

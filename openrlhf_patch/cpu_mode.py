@@ -315,6 +315,12 @@ def apply_cpu_patches() -> None:
     ensure_flash_attn_importable()
     for key, value in cpu_env().items():
         os.environ.setdefault(key, value)
+    # torch read TORCHDYNAMO_DISABLE when this process imported it, which in the driver (it checks
+    # the command line first) was before the default above was set; the policy runs there on CPU.
+    if os.environ["TORCHDYNAMO_DISABLE"] == "1":
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True
     patch_torch_cuda()
     patch_openrlhf_for_cpu()
     patch_vllm_engine_args()
