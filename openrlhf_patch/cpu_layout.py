@@ -165,6 +165,19 @@ def run_trainer_in_driver(seed=None) -> None:
     print("[ngrpo] CPU layout: the PPOTrainer runs in the driver", file=sys.stderr, flush=True)
 
 
+def freeze_imported_objects() -> int:
+    """Move every object the driver holds now (its whole imported stack: ~6,000 modules) out of the
+    garbage collector's reach, and return how many. The trainer and the policy run in the driver,
+    and each full collection walked all of it: OpenRLHF's save_ckpt ends in gc.collect(), which
+    took ~0.4 s of every tiny-model checkpoint (0.41 -> 0.035 s). Collections then see only what
+    the run creates; cycles among the frozen objects are never freed (there are few at import)."""
+    gc.freeze()
+    count = gc.get_freeze_count()
+    print(f"[ngrpo] CPU layout: {count:,} objects of the imported stack frozen out of garbage collection",
+          file=sys.stderr, flush=True)
+    return count
+
+
 # What BaseDistributedActor sets in its process's environment for torch.distributed.
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 _launch = {"policy_in_driver": False}

@@ -422,6 +422,7 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
         lean = patch_config.device == "cpu" and cpu_layout.lean_layout()
         if lean:
             cpu_layout.run_trainer_in_driver(patch_config.seed)
+            cpu_layout.freeze_imported_objects()
         # On a cluster the policy stays on the nodes Ray places it on.
         policy_here = cpu_layout.policy_in_driver() if lean and kwargs["address"] == "local" else contextlib.nullcontext()
         with policy_here, _argv(argv):

@@ -188,3 +188,28 @@ def test_a_driver_that_imported_torch_first_still_runs_without_torch_compile():
         print(before, torch._dynamo.config.disable, os.environ["TORCHDYNAMO_DISABLE"])
     """)
     assert out == ["False", "True", "1"]
+
+
+def test_the_driver_freezes_its_imported_stack_but_still_collects_what_the_run_makes():
+    """freeze_imported_objects: what exists at the call leaves the collector's generations (a full
+    collection no longer walks it); a reference cycle made afterwards is still freed."""
+    out = _python("""
+        import gc, weakref
+        import torch
+        from openrlhf_patch.cpu_layout import freeze_imported_objects
+
+        class Node:
+            pass
+
+        before = Node()
+        count = freeze_imported_objects()
+        print(count == gc.get_freeze_count(), count > 50000,
+              any(o is before for o in gc.get_objects()))
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        print(gone() is None)
+    """)
+    assert out == ["True", "True", "False", "True"]

@@ -12,6 +12,7 @@ while NGRPO's calibrated advantages must move it.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,8 @@ def test_patch_is_active_in_the_workers(runs):
     assert len(_patched_workers(lean)) == 1  # the vLLM rollout actor
     assert "[ngrpo] CPU layout: the PPOTrainer runs in the driver" in lean
     assert "[ngrpo] CPU layout: the policy runs in the driver" in lean
+    frozen = re.search(r"\[ngrpo\] CPU layout: ([\d,]+) objects of the imported stack frozen", lean)
+    assert frozen and int(frozen.group(1).replace(",", "")) > 200_000
     # The engine core was forked, so it never ran the hook: it inherited the patched vLLM worker.
     assert "[ngrpo] CPU layout: vLLM's engine core is forked" in lean
     # `train` and `train --resume` started Ray's node while they checked the command line (early_ray.py)
