@@ -25,6 +25,7 @@ state API is used) and the log monitor, which becomes a thread of the driver (`_
 loop of Ray's `LogMonitor.run` with a stop), so that workers' lines still reach the run's log.
 """
 import atexit
+import contextlib
 import copy
 import logging
 import sys
@@ -46,12 +47,24 @@ class _NodeStarted(Exception):
     pass
 
 
-def _lean_node_class():
-    """Ray's Node that starts no autoscaler monitor, log monitor or API server on the head. Ray
-    runs on without an API server (the state a failed one leaves: a warning, no dashboard URL)."""
+@contextlib.contextmanager
+def _ray_builds_nodes_with(make_builder):
+    """Inside, ray.init builds its Node with `make_builder(Ray's own Node class)`."""
     from ray._private import node as ray_node
 
-    class _LeanNode(ray_node.Node):
+    build = ray_node.Node
+    ray_node.Node = make_builder(build)
+    try:
+        yield
+    finally:
+        ray_node.Node = build
+
+
+def _lean_node_class(node_class):
+    """Ray's Node that starts no autoscaler monitor, log monitor or API server on the head. Ray
+    runs on without an API server (the state a failed one leaves: a warning, no dashboard URL)."""
+
+    class _LeanNode(node_class):
         def __init__(self, ray_params, *args, head=False, **kwargs):
             if head:
                 ray_params.no_monitor = True
@@ -82,11 +95,9 @@ class EarlyNode:
 
     def _start(self):
         import ray
-        from ray._private import node as ray_node
         from ray._private import worker
 
         connect = getattr(worker, _CONNECT, None)
-        build = ray_node.Node
 
         def stop_before_connecting(node, *args, **kwargs):
             self.node = node
@@ -96,10 +107,10 @@ class EarlyNode:
         level = ray_logger.level
         ray_logger.setLevel(logging.ERROR)  # the launch's own ray.init logs what a user needs
         setattr(worker, _CONNECT, stop_before_connecting)
-        ray_node.Node = _lean_node_class()
         try:
             # a copy: ray.init writes into _system_config, and take() compares the settings
-            ray.init(configure_logging=False, **copy.deepcopy(self.node_kwargs))
+            with _ray_builds_nodes_with(_lean_node_class):
+                ray.init(configure_logging=False, **copy.deepcopy(self.node_kwargs))
         except _NodeStarted:
             pass
         except BaseException as err:  # noqa: BLE001 - take() declines the node; the launch's own
@@ -111,7 +122,6 @@ class EarlyNode:
             ray.shutdown()
             self.error = RuntimeError("ray.init connected a driver without ray._private.worker.connect")
         finally:
-            ray_node.Node = build
             if connect is None:
                 delattr(worker, _CONNECT)
             else:
@@ -127,18 +137,12 @@ class EarlyNode:
     def init(self, ray_init_kwargs: dict):
         """ray.init(**RAY_INIT_KWARGS) on this node."""
         import ray
-        from ray._private import node as ray_node
 
-        build = ray_node.Node
+        def this_node_as_head(build):
+            return lambda *args, **kwargs: self.node if kwargs.get("head") else build(*args, **kwargs)
 
-        def started_node(*args, **kwargs):
-            return self.node if kwargs.get("head") else build(*args, **kwargs)
-
-        ray_node.Node = started_node
-        try:
+        with _ray_builds_nodes_with(this_node_as_head):
             context = ray.init(**ray_init_kwargs)
-        finally:
-            ray_node.Node = build
         # imported here, not in the thread, for the reason given in __init__
         from ray._private import log_monitor  # noqa: F401
 
