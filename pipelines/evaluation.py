@@ -245,7 +245,12 @@ class HFBackend:
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 16, trust_remote_code: bool = False):
         from pipelines.generation import load_hf_model
+        from pipelines.models import detect_device
 
+        if detect_device() != "cuda":
+            from openrlhf_patch.cpu_mode import bound_onednn_caches
+
+            bound_onednn_caches()
         self.model = load_hf_model(model, dtype, trust_remote_code)
         self.batch_size = batch_size
 
@@ -291,11 +296,12 @@ class VLLMBackend:
         if not enforce_eager and not on_gpu:  # on a GPU this is vLLM's default, and quick
             log("vllm: compiling the model (torch.compile; --vllm-compile no skips it)")
         if not on_gpu:
-            from openrlhf_patch.cpu_mode import VLLM_CPU_ENV
+            from openrlhf_patch.cpu_mode import VLLM_CPU_ENV, bound_onednn_caches
 
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu's default is far larger
             for key, value in VLLM_CPU_ENV.items():  # all cores, the engine inside this process
                 os.environ.setdefault(key, value)
+            bound_onednn_caches()
             from openrlhf_patch import cpu_top_p
 
             cpu_top_p.install()  # top-p without sorting the vocabulary: SmolLM2 307 -> 464 tokens/s

@@ -4,6 +4,7 @@ The Hugging Face Hub is never reachable from tests: HF_HUB_OFFLINE=1, and HF_HUB
 at a session folder, set here before anything imports huggingface_hub (it reads both once).
 `hub_model` puts the tiny model into that cache under a real Hub id.
 """
+import atexit
 import os
 import shutil
 import tempfile
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="ngrpo-test-hf-cache-"))
+if "HF_HUB_CACHE" not in os.environ:
+    os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="ngrpo-test-hf-cache-")
+    atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)  # the session's, not /tmp's
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = "Qwen/Qwen2.5-Math-7B"  # the used-by command's model, here a tiny stand-in in the local cache

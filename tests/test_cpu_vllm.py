@@ -102,3 +102,43 @@ def test_non_finite_weights_are_refused_naming_the_tensor():
     assert loaded == []  # nothing half-loaded
     with pytest.raises(TypeError, match="dtype mismatch for x: actor torch.bfloat16, vLLM torch.float32"):
         worker.update_weight(["x"], torch.bfloat16, [(1,)])
+
+
+MATMUL_SHAPES_CHILD = r"""
+import torch
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w = torch.randn(256, 128, dtype=torch.bfloat16)
+torch.nn.functional.linear(torch.randn(3, 128, dtype=torch.bfloat16), w)
+before = rss_mb()
+for rows in range(1, 401):  # a new matmul shape each time, as every rollout brings
+    torch.nn.functional.linear(torch.randn(rows, 128, dtype=torch.bfloat16), w)
+print(rss_mb() - before)
+"""
+
+
+def _matmul_shapes_growth_mb(env):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MATMUL_SHAPES_CHILD], env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
+    return float(out.stdout.strip())
+
+
+def test_cpu_mode_bounds_onednn_kernel_caches():
+    """CPU mode's environment caps the two caches in which oneDNN keeps a compiled kernel per bf16
+    matmul shape. Uncapped (1024 entries each, oneDNN's default) 400 shapes grow the process by
+    ~250 MB (vLLM's engine core grew ~2.3 MB a training step); capped, by what 64 kernels take."""
+    import os
+
+    from openrlhf_patch.cpu_mode import ONEDNN_CACHE_ENV, cpu_env
+
+    base = {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHE_ENV}
+    uncapped = _matmul_shapes_growth_mb({**base, **{k: "1024" for k in ONEDNN_CACHE_ENV}})
+    if uncapped < 100:
+        pytest.skip(f"this CPU's bf16 matmul does not go through oneDNN's kernel caches ({uncapped:.0f} MB growth)")
+    env = cpu_env()
+    assert {k: env[k] for k in ONEDNN_CACHE_ENV} == {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
+    capped = _matmul_shapes_growth_mb({**base, **env})
+    assert capped < uncapped / 3, (capped, uncapped)
