@@ -41,8 +41,8 @@ VLLM_CPU_ENV = {
 # keeps it in two caches of 1024 entries each by default: ideep's (LRU_CACHE_CAPACITY, one per
 # thread) and oneDNN's own. Generation and training bring new shapes every step (each batch of
 # prompt and response lengths), ~0.6 MB each, so a long run grew for hours: vLLM's engine core on
-# the tiny model went from 0.41 to 0.88 GB in 200 steps. 64 entries hold what a step reuses (tiny
-# and SmolLM2: generation no slower, measured).
+# the tiny model went from 0.41 to 0.94 GB in 200 steps. 64 entries hold what a step reuses:
+# generation no slower (tiny, SmolLM2), a training step within the noise (docs/BENCHMARKS.md).
 ONEDNN_CACHE_ENV = {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
 
 
