@@ -37,6 +37,9 @@ class PatchConfig:
     answer_extraction: str = "boxed"
     # The reward file, named in errors about the rewards it returns.
     reward_file: Optional[str] = None
+    # PPO's old log-probs: "reuse-on-policy" takes the training forward's own (detached) when a
+    # rollout is one optimizer step, "forward" always runs OpenRLHF's extra policy forward.
+    old_log_probs: str = "reuse-on-policy"
 
     @property
     def max_reward(self) -> float:

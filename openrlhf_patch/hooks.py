@@ -38,6 +38,7 @@ import torch
 
 from openrlhf_patch import algorithms
 from openrlhf_patch.config import active
+from openrlhf_patch.old_log_probs import check_weights_unchanged
 
 
 class RewardError(RuntimeError):
@@ -170,6 +171,8 @@ def make_policy_loss_class(upstream_cls):
         _ngrpo = True
 
         def forward(self, log_probs, old_log_probs, advantages, action_mask=None, *args, **kwargs):
+            if old_log_probs is None:  # on-policy: openrlhf_patch/old_log_probs.py
+                old_log_probs = log_probs.detach()
             out = super().forward(log_probs, old_log_probs, advantages, action_mask, *args, **kwargs)
             if self.policy_loss_type == "ppo":
                 try:
@@ -189,8 +192,9 @@ def wrap_training_step(upstream):
         return upstream
 
     @functools.wraps(upstream)
-    def training_step(self, *args, **kwargs):
-        status = upstream(self, *args, **kwargs)
+    def training_step(self, experience, *args, **kwargs):
+        check_weights_unchanged(self, experience)
+        status = upstream(self, experience, *args, **kwargs)
         for key, value in getattr(self.actor_loss_fn, "last_clip_fractions", {}).items():
             status["metrics"][key] = value.detach().reshape(())
             status["weights"][key] = "token"

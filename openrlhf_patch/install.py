@@ -79,19 +79,21 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
 
 
 def _patch_experience_maker(experience_maker):
-    from openrlhf_patch import hooks
+    from openrlhf_patch import hooks, old_log_probs
 
     maker = experience_maker.RemoteExperienceMaker
     maker.compute_advantages_and_returns = hooks.wrap_compute_advantages(maker.compute_advantages_and_returns)
+    maker.make_experience_batch = old_log_probs.wrap_make_experience_batch(maker.make_experience_batch)
 
 
 def _patch_ppo_actor(ppo_actor):
-    from openrlhf_patch import hooks
+    from openrlhf_patch import hooks, old_log_probs
 
     # ActorPPOTrainer builds its loss from the name imported into ppo_actor.
     ppo_actor.PolicyLoss = hooks.make_policy_loss_class(ppo_actor.PolicyLoss)
     trainer = ppo_actor.ActorPPOTrainer
     trainer.training_step = hooks.wrap_training_step(trainer.training_step)
+    trainer.ppo_train = old_log_probs.wrap_ppo_train(trainer.ppo_train)
     trainer._init_vllm_sync_group = hooks.wrap_init_vllm_sync_group(trainer._init_vllm_sync_group)
 
 

@@ -36,6 +36,13 @@ SYMBOLS = (
            "called"),
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "_collect_prompt_batch", "called"),
     Symbol("openrlhf.utils.deepspeed.deepspeed", "get_train_ds_config", "wrapped"),
+    # openrlhf_patch/old_log_probs.py
+    Symbol("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker.make_experience_batch", "wrapped"),
+    Symbol("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker.split_rollout_samples", "called"),
+    Symbol("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker.make_experience", "called"),
+    Symbol("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker._dispatch_forward", "replaced"),
+    Symbol("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker._flatten_results", "called"),
+    Symbol("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer.ppo_train", "wrapped"),
     # openrlhf_patch/cpu_mode.py
     Symbol("openrlhf.utils.distributed_util", "stateless_init_process_group", "replaced"),
     Symbol("openrlhf.trainer.ray.ppo_actor", "stateless_init_process_group", "replaced"),

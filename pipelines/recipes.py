@@ -86,6 +86,11 @@ class Recipe:
     # -- memory and speed knobs (they do not change the algorithm)
     micro_train_batch_size: int = setting(4, "Samples per forward/backward micro-batch on each GPU.")
     micro_rollout_batch_size: int = setting(8, "Samples per micro-batch when computing log-probs for experiences.")
+    old_log_probs: str = setting("reuse-on-policy", "PPO's old log-probs. reuse-on-policy: when a rollout trains in "
+                                                    "exactly one optimizer step, the training forward's own, detached "
+                                                    "(the ratio is 1, as TRL's num_iterations=1), saving a policy "
+                                                    "forward per step; otherwise a separate forward. forward: always "
+                                                    "OpenRLHF's separate forward.", ("reuse-on-policy", "forward"))
     zero_stage: int = setting(2, "DeepSpeed ZeRO stage.", (0, 1, 2, 3))
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass (less memory).")
     packing: Optional[bool] = setting(None, "Pack samples without padding, with dynamic batching by "

@@ -193,6 +193,7 @@ def build_patch_config(recipe: Recipe, *, device: str, max_steps: Optional[int],
         seed=recipe.seed,
         answer_extraction=recipe.answer_extraction,
         reward_file=reward_file,
+        old_log_probs=recipe.old_log_probs,
     )
 
 
