@@ -23,6 +23,8 @@ processes, which on two cores start beside the driver's imports (tiny run's peak
 the autoscaler's monitor (a node of fixed size), the dashboard's API server (no dashboard, jobs or
 state API is used) and the log monitor, which becomes a thread of the driver (`_follow_logs`, the
 loop of Ray's `LogMonitor.run` with a stop), so that workers' lines still reach the run's log.
+And the raylet's dashboard agent (metrics export, the dashboard's node API, job submission: ~80 MB)
+is a stand-in that tells the raylet those services are off (pipelines/ray_agent_stand_in.py).
 """
 import atexit
 import contextlib
@@ -74,7 +76,49 @@ def _lean_node_class(node_class):
         def start_api_server(self, *, include_dashboard, raise_on_failure):
             self._webui_url = None
 
+        def start_raylet(self, *args, **kwargs):
+            with _raylet_starts_agent_stand_in():
+                return super().start_raylet(*args, **kwargs)
+
     return _LeanNode
+
+
+DASHBOARD_AGENT_FLAG = "--dashboard_agent_command="
+
+
+@contextlib.contextmanager
+def _raylet_starts_agent_stand_in():
+    """Inside, the raylet Ray starts runs pipelines/ray_agent_stand_in.py as its dashboard agent,
+    with the agent's own arguments."""
+    import os
+
+    from ray._private import ray_constants, services
+
+    start = services.start_ray_process
+    stand_in = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_agent_stand_in.py")
+
+    def start_ray_process(command, process_type, *args, **kwargs):
+        if process_type == ray_constants.PROCESS_TYPE_RAYLET:
+            command = [_with_stand_in(arg, stand_in) if arg.startswith(DASHBOARD_AGENT_FLAG) else arg
+                       for arg in command]
+        return start(command, process_type, *args, **kwargs)
+
+    services.start_ray_process = start_ray_process
+    try:
+        yield
+    finally:
+        services.start_ray_process = start
+
+
+def _with_stand_in(flag: str, stand_in: str) -> str:
+    """The raylet's --dashboard_agent_command flag with Ray's agent script swapped for STAND_IN
+    (`python -S`: no site-packages to import) and the agent's arguments kept."""
+    import shlex
+    import subprocess
+
+    agent = shlex.split(flag[len(DASHBOARD_AGENT_FLAG):])
+    script = next(i for i, arg in enumerate(agent) if arg.endswith("agent.py"))
+    return DASHBOARD_AGENT_FLAG + subprocess.list2cmdline([sys.executable, "-S", stand_in, *agent[script + 1:]])
 
 
 class EarlyNode:

@@ -154,3 +154,55 @@ def test_a_check_that_fails_after_the_node_started_leaves_no_ray_process(tmp_pat
     assert session.startswith("session_")  # the node had started before the check failed
     assert left == "0"
     assert not (tmp_path / "run").exists()
+
+
+def _children(pid):
+    """(pid, command line) of PID's child processes, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append((int(entry.name), [a.decode() for a in cmdline if a]))
+    return out
+
+
+def test_the_raylet_runs_the_agent_stand_in_and_takes_its_ports(tmp_path):
+    """The raylet of the early node starts pipelines/ray_agent_stand_in.py, not Ray's dashboard agent;
+    it takes the stand-in's "-1" ports (Ray's services off), runs tasks, and the stand-in ends with it."""
+    import ray
+    from ray._private import ray_constants
+
+    early = early_ray.start(training.local_node_kwargs("cpu", 1))
+    assert early.ready()
+    raylet = early.node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+    early.init(training.local_node_kwargs("cpu", 1))
+    try:
+        assert ray.get(ray.remote(lambda: 7).remote()) == 7
+        children = _children(raylet.pid)
+        stand_ins = [pid for pid, cmd in children if any(a.endswith("ray_agent_stand_in.py") for a in cmd)]
+        assert len(stand_ins) == 1
+        assert not any(a.endswith(os.path.join("dashboard", "agent.py")) for _, cmd in children for a in cmd)
+        node_id = early.node.node_id
+        for name in ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port"):
+            assert (Path(early.node.get_session_dir_path()) / f"{name}_{node_id}").read_text() == "-1"
+    finally:
+        ray.shutdown()
+        early.release()
+    deadline = time.time() + 10
+    while Path(f"/proc/{stand_ins[0]}").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{stand_ins[0]}").exists() or "Z" in Path(f"/proc/{stand_ins[0]}/stat").read_text().split()[2]
+
+
+def test_the_agent_flag_keeps_the_agents_arguments():
+    flag = early_ray.DASHBOARD_AGENT_FLAG + subprocess.list2cmdline(
+        ["/venv/bin/python", "-u", "/venv/ray/dashboard/agent.py", "--node-id=ab12", "--session-dir=/tmp/s x"])
+    stand_in = "/repo/pipelines/ray_agent_stand_in.py"
+    command = early_ray._with_stand_in(flag, stand_in)[len(early_ray.DASHBOARD_AGENT_FLAG):]
+    import shlex
+    assert shlex.split(command) == [sys.executable, "-S", stand_in, "--node-id=ab12", "--session-dir=/tmp/s x"]
