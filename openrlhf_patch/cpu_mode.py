@@ -15,9 +15,12 @@ CUDA-only assumption and nothing else:
     because vLLM's CPU engine runs the model in its own process, which Ray's hook never reaches;
   * three processes fewer than upstream: openrlhf_patch/cpu_layout.py.
 """
+import contextlib
 import datetime
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -270,6 +273,31 @@ def patch_openrlhf_for_cpu() -> None:
 
 
 ROLLOUT_SEQUENCES_ENV = "NGRPO_ROLLOUT_SEQUENCES"  # set by the driver: prompts per step x samples per prompt
+VLLM_SCRATCH_ENV = "NGRPO_VLLM_SCRATCH"  # set by the driver of a private node: the engines' temp folder
+
+
+@contextlib.contextmanager
+def vllm_scratch_dir(env_vars: dict):
+    """A temp folder for the run's vLLM engines (its path in ENV_VARS), removed when the run ends.
+    vLLM puts a torch FileStore file (`vllm_dist_*`) and its ZMQ IPC sockets in the temp folder and
+    leaves them there when its processes are killed, as they are when a run ends: ~5 a run, ~25 a
+    test suite, in /tmp for good."""
+    path = tempfile.mkdtemp(prefix="ngrpo-vllm-")
+    env_vars[VLLM_SCRATCH_ENV] = path
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def use_vllm_scratch_dir() -> None:
+    """In a process about to start a vLLM engine: its temp files and sockets, and those of the
+    engine core it starts (forked or spawned), go to the run's folder."""
+    path = os.environ.get(VLLM_SCRATCH_ENV)
+    if path and os.path.isdir(path):
+        tempfile.tempdir = path
+        os.environ["TMPDIR"] = path
+        os.environ["VLLM_RPC_BASE_PATH"] = path
 KV_CACHE_FALLBACK_BYTES = 1 << 30
 
 
@@ -315,6 +343,7 @@ def _patch_vllm(vllm) -> None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(
                 kwargs["model"], kwargs.get("dtype", "bfloat16"), kwargs["max_model_len"],
                 int(os.environ.get(ROLLOUT_SEQUENCES_ENV) or 256), kwargs.get("trust_remote_code", True))
+        use_vllm_scratch_dir()
         # Only a process about to start an engine core: the patch imports vLLM's engine package
         # (1,351 modules, 1.2-1.5 s), which the driver and the policy actor never need.
         from openrlhf_patch import cpu_layout

@@ -400,9 +400,7 @@ def logical_gpus_from_argv(argv: List[str]) -> Optional[int]:
 
 def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
     """Start Ray with ngrpo's worker hook and run OpenRLHF's launcher in this process."""
-    import ray
-
-    from openrlhf_patch import cpu_layout, install
+    from openrlhf_patch import cpu_mode, install
 
     install.apply(patch_config, role="driver")
     args = parse_with_openrlhf(argv)
@@ -413,6 +411,16 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
 
     ray_logging.RAY_DEDUP_LOGS = os.environ.get("RAY_DEDUP_LOGS", "0") == "1"
     kwargs = ray_init_kwargs(patch_config, args)
+    private_cpu_node = patch_config.device == "cpu" and kwargs.get("address") == "local"
+    with cpu_mode.vllm_scratch_dir(kwargs["runtime_env"]["env_vars"]) if private_cpu_node else contextlib.nullcontext():
+        _launch(argv, kwargs, patch_config)
+
+
+def _launch(argv: List[str], kwargs: dict, patch_config: PatchConfig) -> None:
+    import ray
+
+    from openrlhf_patch import cpu_layout
+
     early = early_ray.take(kwargs)  # the node `ngrpo train` started while it checked the command line
     if early is not None:
         early.init(kwargs)

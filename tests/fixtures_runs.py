@@ -17,8 +17,10 @@ whose manifest says "finished" are not made again); tests must copy a run before
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -26,6 +28,20 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 2
+
+
+def left_in_tmp(run_dir: Path) -> list:
+    """What a run of make_run left in its temp folder (TMPDIR): (kind, name) pairs."""
+    lines = run_dir.with_name(run_dir.name + ".left_in_tmp").read_text().splitlines()
+    return [tuple(line.split(" ", 1)) for line in lines]
+
+
+def _kind(path: Path) -> str:
+    import stat
+
+    mode = path.lstat().st_mode
+    return "socket" if stat.S_ISSOCK(mode) else "dir" if stat.S_ISDIR(mode) else "file"
+
 
 COIN_REWARD = textwrap.dedent('''
     import torch
@@ -69,24 +85,31 @@ _CACHE = {}
 
 def _finished(run_dir: Path) -> bool:
     manifest = run_dir / "ngrpo_run.json"
-    return manifest.exists() and json.loads(manifest.read_text()).get("status") == "finished"
+    return (manifest.exists() and json.loads(manifest.read_text()).get("status") == "finished"
+            and run_dir.with_name(run_dir.name + ".left_in_tmp").exists())
 
 
 def make_run(run_dir: Path, model_dir: Path, reward_file: Path, algo: str, overrides: dict,
              max_steps: int = MAX_STEPS, timeout: int = 1200) -> Path:
     """One real CPU training run in a subprocess; its log goes to RUN_DIR.log."""
-    import shutil
-
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     spec = {"run_dir": str(run_dir), "model": str(model_dir), "algo": algo, "overrides": overrides,
             "reward_file": str(reward_file), "max_steps": max_steps}
     log = run_dir.with_name(run_dir.name + ".log")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # a temp folder of the run's own (short: sockets go there), for what the run leaves in it
+    tmp = tempfile.mkdtemp(prefix="ngrpo-test-tmp-", dir="/tmp")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TMPDIR=tmp, RAY_TMPDIR=os.environ.get("RAY_TMPDIR", "/tmp"))
     env.pop("RAY_ADDRESS", None)
-    with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, "-c", _RUN_SCRIPT, json.dumps(spec)], cwd=REPO_ROOT, env=env,
-                              stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.run([sys.executable, "-c", _RUN_SCRIPT, json.dumps(spec)], cwd=REPO_ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        run_dir.with_name(run_dir.name + ".left_in_tmp").write_text("".join(
+            f"{_kind(p)} {p.name}\n" for p in sorted(Path(tmp).iterdir())))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if proc.returncode != 0 or not _finished(run_dir):
         tail = log.read_text()[-4000:]
         raise RuntimeError(f"training run {run_dir} failed (exit {proc.returncode}); log {log}:\n{tail}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_runs import left_in_tmp, tiny_runs  # noqa: F401 - the session fixture
 from pipelines import early_ray, training
 from pipelines.recipes import build_recipe
 
@@ -206,3 +207,15 @@ def test_the_agent_flag_keeps_the_agents_arguments():
     command = early_ray._with_stand_in(flag, stand_in)[len(early_ray.DASHBOARD_AGENT_FLAG):]
     import shlex
     assert shlex.split(command) == [sys.executable, "-S", stand_in, "--node-id=ab12", "--session-dir=/tmp/s x"]
+
+
+@pytest.mark.pipeline
+def test_a_run_leaves_nothing_of_vllm_in_the_temp_folder(tiny_runs):
+    """vLLM's engines put a FileStore file (vllm_dist_*) and ZMQ sockets in the temp folder and left
+    them when the run ended (~5 a run); a CPU run's engines now get a folder of their own, removed
+    at the end. The shared runs ran with a TMPDIR of their own."""
+    for name in ("ngrpo", "grpo"):
+        left = left_in_tmp(tiny_runs[name])
+        assert [(kind, n) for kind, n in left if kind == "socket" or n.startswith("vllm_dist_")] == []
+        # what is left is torch's own cache folder (torchinductor_<user>), kept across runs by design
+        assert all(kind == "dir" and n.startswith("torchinductor_") for kind, n in left)
