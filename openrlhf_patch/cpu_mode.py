@@ -298,6 +298,8 @@ def use_vllm_scratch_dir() -> None:
         tempfile.tempdir = path
         os.environ["TMPDIR"] = path
         os.environ["VLLM_RPC_BASE_PATH"] = path
+
+
 KV_CACHE_FALLBACK_BYTES = 1 << 30
 
 

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS, GROUP_FILTERS
+from openrlhf_patch.old_log_probs import MODES as OLD_LOG_PROBS_MODES
 from pipelines.arith import WORKED_SOLUTION_TOKENS
 
 # OpenRLHF's own estimators that ngrpo's core does not compute (PPO's GAE with a critic).
@@ -90,7 +91,7 @@ class Recipe:
                                                     "exactly one optimizer step, the training forward's own, detached "
                                                     "(the ratio is 1, as TRL's num_iterations=1), saving a policy "
                                                     "forward per step; otherwise a separate forward. forward: always "
-                                                    "OpenRLHF's separate forward.", ("reuse-on-policy", "forward"))
+                                                    "OpenRLHF's separate forward.", OLD_LOG_PROBS_MODES)
     zero_stage: int = setting(2, "DeepSpeed ZeRO stage.", (0, 1, 2, 3))
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass (less memory).")
     packing: Optional[bool] = setting(None, "Pack samples without padding, with dynamic batching by "
