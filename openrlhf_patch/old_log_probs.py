@@ -73,27 +73,26 @@ def wrap_make_experience_batch(upstream):
     @torch.no_grad()
     def make_experience_batch(self, rollout_samples):
         args = self.strategy.args
-        samples_list = self.split_rollout_samples(rollout_samples)
         blocker = deferral_blocker(args, self)
-        if blocker is None and any(inputs for s in samples_list for inputs in s.mm_train_inputs):  # None: text
+        if blocker is None and any(inputs for s in rollout_samples for inputs in s.mm_train_inputs):  # None: text
             blocker = "multimodal inputs"
         if not getattr(self, "_ngrpo_choice_logged", False):
             log_choice(blocker)
             self._ngrpo_choice_logged = True
         if blocker is not None:
-            experiences = self.compute_advantages_and_returns(self.make_experience(samples_list))
+            experiences = upstream(self, rollout_samples)
             _mark(experiences, reused=False)
             return experiences
+        samples_list = self.split_rollout_samples(rollout_samples)
         experiences = _make_experience_without_policy_forward(self, samples_list)
         experiences = self.compute_advantages_and_returns(experiences)
         # DeepSpeed counts micro-batches across ppo_train calls: a step that was not a whole
         # number of optimizer steps leaves the next one's window shifted, so from then on the
         # trainer cannot know where the optimizer steps and always computes old log-probs.
         sizes = [len(e.sequences) for e in experiences]
-        reuse = getattr(self, "_ngrpo_windows_aligned", True) and one_optimizer_step(
-            sizes, args.train.batch_size, _policy_ranks(args))
-        self._ngrpo_windows_aligned = getattr(self, "_ngrpo_windows_aligned", True) and (
-            sum(sizes) % args.train.batch_size == 0)
+        aligned = getattr(self, "_ngrpo_windows_aligned", True)
+        reuse = aligned and one_optimizer_step(sizes, args.train.batch_size, _policy_ranks(args))
+        self._ngrpo_windows_aligned = aligned and sum(sizes) % args.train.batch_size == 0
         if not reuse:
             refs = self._dispatch_forward(
                 self.actor_model_group, args.train.colocate_all or args.train.colocate_actor_ref,

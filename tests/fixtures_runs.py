@@ -30,10 +30,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 2
 
 
+def _left_in_tmp_file(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".left_in_tmp")
+
+
 def left_in_tmp(run_dir: Path) -> list:
     """What a run of make_run left in its temp folder (TMPDIR): (kind, name) pairs."""
-    lines = run_dir.with_name(run_dir.name + ".left_in_tmp").read_text().splitlines()
-    return [tuple(line.split(" ", 1)) for line in lines]
+    return [tuple(line.split(" ", 1)) for line in _left_in_tmp_file(run_dir).read_text().splitlines()]
 
 
 def _kind(path: Path) -> str:
@@ -86,7 +89,7 @@ _CACHE = {}
 def _finished(run_dir: Path) -> bool:
     manifest = run_dir / "ngrpo_run.json"
     return (manifest.exists() and json.loads(manifest.read_text()).get("status") == "finished"
-            and run_dir.with_name(run_dir.name + ".left_in_tmp").exists())
+            and _left_in_tmp_file(run_dir).exists())
 
 
 def make_run(run_dir: Path, model_dir: Path, reward_file: Path, algo: str, overrides: dict,
@@ -106,7 +109,7 @@ def make_run(run_dir: Path, model_dir: Path, reward_file: Path, algo: str, overr
         with open(log, "w") as out:
             proc = subprocess.run([sys.executable, "-c", _RUN_SCRIPT, json.dumps(spec)], cwd=REPO_ROOT, env=env,
                                   stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
-        run_dir.with_name(run_dir.name + ".left_in_tmp").write_text("".join(
+        _left_in_tmp_file(run_dir).write_text("".join(
             f"{_kind(p)} {p.name}\n" for p in sorted(Path(tmp).iterdir())))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
