@@ -1,4 +1,4 @@
-"""CPU mode's process layout: three fewer Python start-ups than OpenRLHF's and vLLM's own.
+"""CPU mode's process layout: three processes fewer than OpenRLHF's and vLLM's own.
 
 Upstream, a run is a Ray driver, a PPOTrainer actor (the single controller), a DeepSpeed policy
 actor, a vLLM rollout actor and the engine-core process that the rollout actor's AsyncLLM starts.
@@ -10,25 +10,21 @@ need not exist there:
     it and otherwise only waits on `ray.get(trainer.fit.remote())`;
   * so does the policy, where one process holds it (`policy_in_driver`): the phases of a step run
     one after another on CPU, so the driver was idle while the policy worked and vice versa;
-  * the engine core is forked from the rollout actor instead of spawned
-    (`patch_engine_core_start`), so it starts at once and shares the actor's pages.
+  * the engine core runs in a thread of the rollout actor (openrlhf_patch/vllm_engine_thread.py).
 The vLLM rollout actor stays a Ray actor: its methods are coroutines on the actor's event loop,
-it must take in new weights while the policy sends them, and its engine core is a process of
-vLLM's own anyway.
+and it must take in new weights while the policy sends them.
 
 `NGRPO_CPU_LAYOUT=upstream` keeps the upstream layout (a trainer actor, a policy actor, a spawned
 engine core); GPU runs always have it, and on a Ray cluster the policy stays on the cluster.
 """
 import contextlib
 import gc
-import multiprocessing
 import os
 import sys
 import weakref
 
 LAYOUT_ENV = "NGRPO_CPU_LAYOUT"
 LAYOUTS = ("lean", "upstream")
-OPENMP_PROBE_TIMEOUT_S = 5.0
 
 
 def lean_layout() -> bool:
@@ -226,51 +222,3 @@ def _patch_actor_groups() -> None:
 
     _initiate_actors._ngrpo_cpu = True
     launcher.RayActorGroup._initiate_actors = _initiate_actors
-
-
-def _parallel_region() -> None:
-    import torch
-
-    torch.ones(1 << 20).exp_()  # 1M elements: ATen splits this across its OpenMP threads
-
-
-def openmp_survives_fork(timeout_s: float = OPENMP_PROBE_TIMEOUT_S) -> bool:
-    """Whether a child forked now can run an OpenMP parallel region. GNU libgomp (torch's OpenMP on
-    Linux) is not fork-safe: once this process has run a parallel region, a forked child hangs at
-    its first one. A throwaway child tries one (~20 ms); a hang means no."""
-    child = multiprocessing.get_context("fork").Process(target=_parallel_region, daemon=True)
-    child.start()
-    child.join(timeout_s)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
-        return False
-    return child.exitcode == 0
-
-
-def patch_engine_core_start() -> None:
-    """vLLM's CPU platform has AsyncLLM spawn its engine core (and forces spawn in any Ray actor),
-    so that process imports torch and vLLM again: ~5 s of a tiny run's start-up on two cores and
-    ~0.5 GB of its own. Forked, it starts at once and shares the rollout actor's pages. The rollout
-    actor has run no torch kernel when it builds its engine, but that is vLLM's and OpenRLHF's
-    code, not ngrpo's, so each start checks with `openmp_survives_fork` and spawns otherwise."""
-    from vllm.v1.engine import utils as engine_utils
-
-    upstream = engine_utils.get_mp_context
-    if getattr(upstream, "_ngrpo_cpu", False):
-        return
-
-    def get_mp_context():
-        if openmp_survives_fork():
-            print("[ngrpo] CPU layout: vLLM's engine core is forked", file=sys.stderr, flush=True)
-            # Keep the actor's objects out of the garbage collector's reach in both processes: a
-            # collection writes into every object it visits, which would copy their shared pages
-            # (rollout actor + engine core PSS 0.92 -> 0.88 GB on the tiny model).
-            gc.freeze()
-            return multiprocessing.get_context("fork")
-        print("[ngrpo] CPU layout: vLLM's engine core is spawned (this process has run OpenMP, which a "
-              "forked child could not)", file=sys.stderr, flush=True)
-        return upstream()
-
-    get_mp_context._ngrpo_cpu = True
-    engine_utils.get_mp_context = get_mp_context

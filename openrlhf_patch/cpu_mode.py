@@ -292,7 +292,7 @@ def vllm_scratch_dir(env_vars: dict):
 
 def use_vllm_scratch_dir() -> None:
     """In a process about to start a vLLM engine: its temp files and sockets, and those of the
-    engine core it starts (forked or spawned), go to the run's folder."""
+    engine core (a thread, or a process it spawns), go to the run's folder."""
     path = os.environ.get(VLLM_SCRATCH_ENV)
     if path and os.path.isdir(path):
         tempfile.tempdir = path
@@ -323,8 +323,9 @@ def kv_cache_bytes(model: str, dtype: str, max_model_len: int, sequences: int, t
 
 def patch_vllm_engine_args() -> None:
     """Make vLLM engines created in this process load the CPU worker extension, with a KV cache
-    sized to the rollout (a user's VLLM_CPU_KVCACHE_SPACE still wins: vLLM reads it later), and
-    start their engine core as cpu_layout says. Applied when the process imports vLLM."""
+    sized to the rollout (a user's VLLM_CPU_KVCACHE_SPACE still wins: vLLM reads it later) and
+    without vLLM's statistics, and in the lean layout run their engine core in a thread
+    (vllm_engine_thread). Applied when the process imports vLLM."""
     from openrlhf_patch.on_import import when_imported
 
     when_imported("vllm", _patch_vllm)
@@ -345,13 +346,19 @@ def _patch_vllm(vllm) -> None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(
                 kwargs["model"], kwargs.get("dtype", "bfloat16"), kwargs["max_model_len"],
                 int(os.environ.get(ROLLOUT_SEQUENCES_ENV) or 256), kwargs.get("trust_remote_code", True))
+        # vLLM's statistics (Prometheus histograms fed at every output, scheduler stats at every
+        # step) serve its API server, and nothing in a run reads them (tiny model: generation
+        # 0.112 -> 0.103 s a step, 4 pairs).
+        kwargs.setdefault("disable_log_stats", True)
         use_vllm_scratch_dir()
         # Only a process about to start an engine core: the patch imports vLLM's engine package
         # (1,351 modules, 1.2-1.5 s), which the driver and the policy actor never need.
         from openrlhf_patch import cpu_layout
 
         if cpu_layout.lean_layout():
-            cpu_layout.patch_engine_core_start()
+            from openrlhf_patch.vllm_engine_thread import run_engine_core_in_thread
+
+            run_engine_core_in_thread()
         return upstream(*args, **kwargs)
 
     AsyncEngineArgs._ngrpo_cpu = True

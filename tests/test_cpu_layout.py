@@ -1,5 +1,5 @@
 """CPU mode's process layout (openrlhf_patch/cpu_layout.py): the trainer and the policy in the
-driver, vLLM's engine core forked when OpenMP allows it. Both run inside real training runs in
+driver (vLLM's engine core in a thread: tests/test_vllm_engine_thread.py). Both run inside real training runs in
 tests/test_train_pipeline.py (the launch log's "[ngrpo] CPU layout" lines, the patch counted per
 worker, the same data order as in OpenRLHF's own layout); here are their edges."""
 import json
@@ -20,19 +20,6 @@ def _python(code, timeout=120):
                           cwd=REPO_ROOT, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.split()
-
-
-def test_the_openmp_probe_sees_what_makes_a_forked_child_hang():
-    """Real GNU libgomp: after one parallel region in the parent, a forked child's first one never
-    returns; the probe must say so (in its 2 s) before that, and say yes in a fresh process."""
-    out = _python("""
-        import torch
-        from openrlhf_patch.cpu_layout import openmp_survives_fork
-        print(torch.get_num_threads(), openmp_survives_fork(timeout_s=30), openmp_survives_fork(timeout_s=30))
-        torch.ones(1 << 20).exp_()
-        print(openmp_survives_fork(timeout_s=2))
-    """)
-    assert out == ["2", "True", "True", "False"]
 
 
 def test_layout_comes_from_the_environment(monkeypatch):
@@ -149,18 +136,6 @@ def test_policy_in_driver_takes_one_policy_actor_for_one_launch():
     """, timeout=300)
     assert json.loads(out[-1]) == [["_InProcessHandle"], ["ActorHandle", "ActorHandle"], ["ActorHandle"],
                                    ["ActorHandle"], True, True, "1234", None, False]
-
-
-def test_the_engine_core_context_is_fork_with_the_parents_objects_frozen():
-    out = _python("""
-        import gc
-        from openrlhf_patch.cpu_layout import patch_engine_core_start
-        patch_engine_core_start()
-        from vllm.v1.engine import utils
-        before = gc.get_freeze_count()
-        print(utils.get_mp_context().get_start_method(), before == 0, gc.get_freeze_count() > 10_000)
-    """)
-    assert out == ["fork", "True", "True"]
 
 
 def test_the_cpu_environment_loads_no_gpu_compiler():

@@ -133,8 +133,9 @@ def test_patch_is_active_in_the_workers(runs):
     assert "[ngrpo] CPU layout: the policy runs in the driver" in lean
     frozen = re.search(r"\[ngrpo\] CPU layout: ([\d,]+) objects of the imported stack frozen", lean)
     assert frozen and int(frozen.group(1).replace(",", "")) > 200_000
-    # The engine core was forked, so it never ran the hook: it inherited the patched vLLM worker.
-    assert "[ngrpo] CPU layout: vLLM's engine core is forked" in lean
+    # The engine core ran in the rollout actor's thread: one patched process served the rollout.
+    assert "[ngrpo] CPU layout: vLLM's engine core runs in a thread of the rollout actor" in lean
+    assert "CPU layout: vLLM's engine core" not in upstream  # OpenRLHF's layout: vLLM spawns it
     # `train` and `train --resume` started Ray's node while they checked the command line (early_ray.py)
     for log in (upstream, lean, _launch_log(runs["grpo"], 1)):
         assert "[ngrpo] Ray's node was started while the command line was checked" in log
