@@ -2,8 +2,8 @@
 
 The stand-in process object on its own, then a real AsyncLLM engine on the tiny model in a fresh
 Python (as the rollout actor builds it, through CPU mode's engine-argument patch): it generates
-what transformers generates, starts no process, leaves the main thread's signal handlers alone and
-ends its thread at shutdown; and an engine core that fails at start makes the engine raise vLLM's
+what transformers generates, starts no process, leaves the main thread's signal handlers alone,
+freezes the actor's objects out of the garbage collector and ends its thread at shutdown; and an engine core that fails at start makes the engine raise vLLM's
 own error instead of hanging. The training runs in tests/test_train_pipeline.py check the launch
 log's line that the rollout actor ran it this way."""
 import json
@@ -80,7 +80,7 @@ def _engine_python(code, timeout=300):
 
 
 ENGINE_PRELUDE = """
-    import asyncio, json, signal, sys, threading
+    import asyncio, gc, json, signal, sys, threading
     import psutil
     from openrlhf_patch import cpu_mode
     cpu_mode.apply_cpu_patches()  # as a CPU run's rollout actor: engine arguments patched on import
@@ -101,7 +101,9 @@ ENGINE_PRELUDE = """
 def test_a_real_async_engine_runs_its_core_in_a_thread_and_generates_what_transformers_does(tiny_model_dir):
     out, output = _engine_python(ENGINE_PRELUDE.format(model=str(tiny_model_dir)) + """
     async def main():
+        frozen_before = gc.get_freeze_count()
         llm = vllm.AsyncLLMEngine.from_engine_args(engine_args())
+        frozen = gc.get_freeze_count()
         core_threads = [t for t in threading.enumerate() if t.name == "EngineCore"]
         children = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
         final = None
@@ -115,7 +117,8 @@ def test_a_real_async_engine_runs_its_core_in_a_thread_and_generates_what_transf
         return {"core_threads": len(core_threads), "alive_after_shutdown": any(t.is_alive() for t in core_threads),
                 "engine_children": [c for c in children if "EngineCore" in c or "multiprocessing" in c],
                 "tokens": list(final.outputs[0].token_ids), "log_stats": log_stats,
-                "sigterm_handler_kept": signal.getsignal(signal.SIGTERM) is handler_before}
+                "sigterm_handler_kept": signal.getsignal(signal.SIGTERM) is handler_before,
+                "frozen": [frozen_before, frozen > 100_000]}
 
     result = asyncio.run(main())
     import torch
@@ -130,6 +133,7 @@ def test_a_real_async_engine_runs_its_core_in_a_thread_and_generates_what_transf
     assert (out["core_threads"], out["alive_after_shutdown"], out["engine_children"]) == (1, False, [])
     assert out["sigterm_handler_kept"] is True
     assert out["log_stats"] is False  # CPU mode turns vLLM's statistics off
+    assert out["frozen"] == [0, True]  # the actor's objects left the collector as the thread started
     assert len(out["tokens"]) == 12
     assert out["tokens"] == out["hf_tokens"]
 
