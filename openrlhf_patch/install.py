@@ -105,10 +105,11 @@ def _patch_ppo_trainer(ppo_trainer):
 
 
 def _patch_samples_generator(samples_generator):
-    from openrlhf_patch import hooks
+    from openrlhf_patch import hooks, tokenizer_once
 
     generator = samples_generator.SamplesGenerator
     generator.generate_samples = hooks.wrap_generate_samples(generator.generate_samples)
+    generator._dispatch_prompts_to_vllm = tokenizer_once.wrap_dispatch_prompts(generator._dispatch_prompts_to_vllm)
     if not getattr(generator._generate_vllm, "_ngrpo", False):
         generator._generate_vllm = hooks.make_generate_vllm()
 

@@ -31,7 +31,8 @@ SYMBOLS = (
     Symbol("openrlhf.trainer.ppo_trainer", "TensorboardLogger", "subclassed"),
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator.generate_samples", "wrapped"),
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._generate_vllm", "replaced"),
-    Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._dispatch_prompts_to_vllm", "called"),
+    Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._dispatch_prompts_to_vllm",
+           "wrapped"),  # and called by hooks.py; tokenizer_once.py wraps it
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._process_response_into_experience",
            "called"),
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "_collect_prompt_batch", "called"),

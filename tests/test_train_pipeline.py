@@ -121,6 +121,17 @@ def _patched_workers(log):
     return {line.split("pid ")[1].split(":")[0] for line in log.splitlines() if "patch active in ray-worker" in line}
 
 
+def test_each_rollout_actor_unpickled_the_tokenizer_once(runs):
+    """OpenRLHF sends the tokenizer with every prompt it hands the rollout actor; with
+    tokenizer_once the actor unpickles it once per launch, whichever layout dispatched the prompts
+    (the trainer as a Ray actor in ngrpo's first launch, in the driver afterwards)."""
+    for entry, n in ((runs["ngrpo"], 1), (runs["ngrpo"], 2), (runs["grpo"], 1)):
+        lines = [line for line in _launch_log(entry, n).splitlines() if "[ngrpo] tokenizer " in line]
+        assert len(lines) == 1, lines
+        assert "RolloutRayActor" in lines[0] and " unpickled (" in lines[0]
+    assert len(set(_seen(runs["grpo"]["reward"]))) >= 8  # prompts handed out: 2 steps x 4, and refills
+
+
 def test_patch_is_active_in_the_workers(runs):
     """The advantages of the metrics were computed by the patch inside the PPOTrainer, and the loss
     statistics by the patched loss inside PolicyModelActor: both Ray actors in OpenRLHF's layout
