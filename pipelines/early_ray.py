@@ -77,6 +77,10 @@ def _lean_node_class(node_class):
             self._webui_url = None
 
         def start_raylet(self, *args, **kwargs):
+            if not stand_in_speaks_ray(_ray_version()):
+                print(f"[ngrpo] Ray {_ray_version()}: its own dashboard agent runs (ngrpo's stand-in speaks "
+                      f"Ray {STAND_IN_RAY}x's port files)", file=sys.stderr, flush=True)
+                return super().start_raylet(*args, **kwargs)
             with _raylet_starts_agent_stand_in():
                 return super().start_raylet(*args, **kwargs)
 
@@ -84,6 +88,20 @@ def _lean_node_class(node_class):
 
 
 DASHBOARD_AGENT_FLAG = "--dashboard_agent_command="
+# The Ray release whose raylet waits for exactly the port files the stand-in writes. Another Ray
+# may wait for others and would then fail at start ("timed out during startup"), so it keeps its
+# own agent (~80 MB more) until the stand-in is checked against it.
+STAND_IN_RAY = "2.55."
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+def stand_in_speaks_ray(version: str) -> bool:
+    return version.startswith(STAND_IN_RAY)
 
 
 @contextlib.contextmanager

@@ -172,6 +172,11 @@ def _children(pid):
     return out
 
 
+def _is_rays_agent(cmd):
+    """Ray's dashboard agent, by its command line or the title it gives itself."""
+    return any(a.endswith(os.path.join("dashboard", "agent.py")) or a == "ray::DashboardAgent" for a in cmd)
+
+
 def test_the_raylet_runs_the_agent_stand_in_and_takes_its_ports(tmp_path):
     """The raylet of the early node starts pipelines/ray_agent_stand_in.py, not Ray's dashboard agent;
     it takes the stand-in's "-1" ports (Ray's services off), runs tasks, and the stand-in ends with it."""
@@ -187,7 +192,7 @@ def test_the_raylet_runs_the_agent_stand_in_and_takes_its_ports(tmp_path):
         children = _children(raylet.pid)
         stand_ins = [pid for pid, cmd in children if any(a.endswith("ray_agent_stand_in.py") for a in cmd)]
         assert len(stand_ins) == 1
-        assert not any(a.endswith(os.path.join("dashboard", "agent.py")) for _, cmd in children for a in cmd)
+        assert not any(_is_rays_agent(cmd) for _, cmd in children), children
         node_id = early.node.node_id
         for name in ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port"):
             assert (Path(early.node.get_session_dir_path()) / f"{name}_{node_id}").read_text() == "-1"
@@ -198,6 +203,35 @@ def test_the_raylet_runs_the_agent_stand_in_and_takes_its_ports(tmp_path):
     while Path(f"/proc/{stand_ins[0]}").exists() and time.time() < deadline:
         time.sleep(0.2)
     assert not Path(f"/proc/{stand_ins[0]}").exists() or "Z" in Path(f"/proc/{stand_ins[0]}/stat").read_text().split()[2]
+
+
+def test_the_stand_in_is_used_only_with_the_ray_it_speaks():
+    import ray
+
+    assert [early_ray.stand_in_speaks_ray(v) for v in ("2.55.0", "2.55.1", "2.56.0", "2.5.5", "3.0.0")] == \
+        [True, True, False, False, False]
+    assert early_ray.stand_in_speaks_ray(ray.__version__)  # the installed Ray: re-check the stand-in when it moves
+
+
+def test_with_another_ray_the_raylet_runs_rays_own_agent(monkeypatch, capfd):
+    """A Ray release the stand-in is not known to fit keeps Ray's dashboard agent, and the node works."""
+    import ray
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(early_ray, "_ray_version", lambda: "2.99.0")
+    early = early_ray.start(training.local_node_kwargs("cpu", 1))
+    assert early.ready()
+    raylet = early.node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+    early.init(training.local_node_kwargs("cpu", 1))
+    try:
+        assert ray.get(ray.remote(lambda: 7).remote()) == 7
+        children = [cmd for _, cmd in _children(raylet.pid)]
+        assert any(_is_rays_agent(cmd) for cmd in children), children
+        assert not any(a.endswith("ray_agent_stand_in.py") for cmd in children for a in cmd)
+    finally:
+        ray.shutdown()
+        early.release()
+    assert "[ngrpo] Ray 2.99.0: its own dashboard agent runs" in capfd.readouterr().err
 
 
 def test_the_agent_flag_keeps_the_agents_arguments():
