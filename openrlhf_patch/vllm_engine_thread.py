@@ -102,7 +102,7 @@ class _SignalModule:
         return previous
 
 
-def _keep_process_name(*args, **kwargs):
+def _leave_the_process_as_is(*args, **kwargs):
     return None
 
 
@@ -120,5 +120,5 @@ def run_engine_core_in_thread() -> None:
     get_mp_context._ngrpo_thread = True
     engine_utils.get_mp_context = get_mp_context
     core.signal = _SignalModule()
-    core.set_process_title = _keep_process_name
-    core.decorate_logs = _keep_process_name
+    core.set_process_title = _leave_the_process_as_is
+    core.decorate_logs = _leave_the_process_as_is

@@ -77,8 +77,9 @@ def _lean_node_class(node_class):
             self._webui_url = None
 
         def start_raylet(self, *args, **kwargs):
-            if not stand_in_speaks_ray(_ray_version()):
-                print(f"[ngrpo] Ray {_ray_version()}: its own dashboard agent runs (ngrpo's stand-in speaks "
+            version = _ray_version()
+            if not stand_in_speaks_ray(version):
+                print(f"[ngrpo] Ray {version}: its own dashboard agent runs (ngrpo's stand-in speaks "
                       f"Ray {STAND_IN_RAY}x's port files)", file=sys.stderr, flush=True)
                 return super().start_raylet(*args, **kwargs)
             with _raylet_starts_agent_stand_in():

@@ -3,6 +3,7 @@ launch's ray.init connects to (its runtime env reaches the workers), a node star
 settings is stopped before the launch starts its own, and a check that fails after the node started
 leaves none of Ray's processes behind (through `ngrpo train`). That every `ngrpo train` launch of
 the pipeline tests used the early node: tests/test_train_pipeline.py."""
+import contextlib
 import json
 import os
 import subprocess
@@ -177,9 +178,13 @@ def _is_rays_agent(cmd):
     return any(a.endswith(os.path.join("dashboard", "agent.py")) or a == "ray::DashboardAgent" for a in cmd)
 
 
-def test_the_raylet_runs_the_agent_stand_in_and_takes_its_ports(tmp_path):
-    """The raylet of the early node starts pipelines/ray_agent_stand_in.py, not Ray's dashboard agent;
-    it takes the stand-in's "-1" ports (Ray's services off), runs tasks, and the stand-in ends with it."""
+def _is_stand_in(cmd):
+    return any(a.endswith("ray_agent_stand_in.py") for a in cmd)
+
+
+@contextlib.contextmanager
+def _early_node_with_a_task_run():
+    """An early node taken by `ray.init`, after a task ran on it: (the node, its raylet's children)."""
     import ray
     from ray._private import ray_constants
 
@@ -189,16 +194,21 @@ def test_the_raylet_runs_the_agent_stand_in_and_takes_its_ports(tmp_path):
     early.init(training.local_node_kwargs("cpu", 1))
     try:
         assert ray.get(ray.remote(lambda: 7).remote()) == 7
-        children = _children(raylet.pid)
-        stand_ins = [pid for pid, cmd in children if any(a.endswith("ray_agent_stand_in.py") for a in cmd)]
-        assert len(stand_ins) == 1
-        assert not any(_is_rays_agent(cmd) for _, cmd in children), children
-        node_id = early.node.node_id
-        for name in ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port"):
-            assert (Path(early.node.get_session_dir_path()) / f"{name}_{node_id}").read_text() == "-1"
+        yield early.node, _children(raylet.pid)
     finally:
         ray.shutdown()
         early.release()
+
+
+def test_the_raylet_runs_the_agent_stand_in_and_takes_its_ports(tmp_path):
+    """The raylet of the early node starts pipelines/ray_agent_stand_in.py, not Ray's dashboard agent;
+    it takes the stand-in's "-1" ports (Ray's services off), runs tasks, and the stand-in ends with it."""
+    with _early_node_with_a_task_run() as (node, children):
+        stand_ins = [pid for pid, cmd in children if _is_stand_in(cmd)]
+        assert len(stand_ins) == 1
+        assert not any(_is_rays_agent(cmd) for _, cmd in children), children
+        for name in ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port"):
+            assert (Path(node.get_session_dir_path()) / f"{name}_{node.node_id}").read_text() == "-1"
     deadline = time.time() + 10
     while Path(f"/proc/{stand_ins[0]}").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -215,22 +225,10 @@ def test_the_stand_in_is_used_only_with_the_ray_it_speaks():
 
 def test_with_another_ray_the_raylet_runs_rays_own_agent(monkeypatch, capfd):
     """A Ray release the stand-in is not known to fit keeps Ray's dashboard agent, and the node works."""
-    import ray
-    from ray._private import ray_constants
-
     monkeypatch.setattr(early_ray, "_ray_version", lambda: "2.99.0")
-    early = early_ray.start(training.local_node_kwargs("cpu", 1))
-    assert early.ready()
-    raylet = early.node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
-    early.init(training.local_node_kwargs("cpu", 1))
-    try:
-        assert ray.get(ray.remote(lambda: 7).remote()) == 7
-        children = [cmd for _, cmd in _children(raylet.pid)]
-        assert any(_is_rays_agent(cmd) for cmd in children), children
-        assert not any(a.endswith("ray_agent_stand_in.py") for cmd in children for a in cmd)
-    finally:
-        ray.shutdown()
-        early.release()
+    with _early_node_with_a_task_run() as (_, children):
+        assert any(_is_rays_agent(cmd) for _, cmd in children), children
+        assert not any(_is_stand_in(cmd) for _, cmd in children)
     assert "[ngrpo] Ray 2.99.0: its own dashboard agent runs" in capfd.readouterr().err
 
 
