@@ -18,7 +18,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not pipeline and not slow and not real_model"
 
 benchmarks: setup
-	$(PY) -m pip install -q trl==1.16.0 torch==2.13.0 transformers==5.19.0  # TRL: vs_trl.py's baseline
+	$(PY) -m pip install -q -c requirements/stack.txt trl==1.16.0 torch==2.13.0  # TRL: vs_trl.py's baseline, on the stack
 	$(PY) benchmarks/advantages.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/eval_throughput.py

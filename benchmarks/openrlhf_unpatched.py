@@ -1,5 +1,5 @@
 """Run a prepared ngrpo run directory through OpenRLHF *without* ngrpo's patch: the baseline of
-benchmarks/train_step.py.
+benchmarks/train_step.py and of tests/test_upstream_parity.py.
 
 "Without the patch" means OpenRLHF 0.11.2 as released, with only what it needs to run on a CPU at
 all (openrlhf_patch.cpu_mode: no CUDA calls, gloo weight sync, vLLM's CPU engine arguments) and the
@@ -8,8 +8,14 @@ own loss, generation loop and logger. The reward is the same file (ngrpo's math-
 
     python benchmarks/openrlhf_unpatched.py RUN_DIR LOG_FILE
 
-RUN_DIR is a finished `ngrpo train --algo grpo` run; its argv is rerun in RUN_DIR/unpatched/.
-Each of OpenRLHF's "Global step N: {...}" lines becomes a line of RUN_DIR/unpatched/steps.jsonl.
+RUN_DIR is a finished `ngrpo train` run of a recipe whose estimator is OpenRLHF's own (grpo, dr_grpo,
+rloo, ppo); its argv is rerun in RUN_DIR/unpatched/. Each of OpenRLHF's "Global step N: {...}"
+lines becomes a line of RUN_DIR/unpatched/steps.jsonl.
+
+One thing is added to upstream, in the workers: torch's RNG is seeded with the run's seed, as
+ngrpo's worker hook does (openrlhf_patch/install.worker_setup). OpenRLHF's trainer actor has no
+torch.distributed group, so its prompt sampler is otherwise unseeded and the data order would
+differ from run to run; the seed changes no computation, only fixes that order.
 """
 import ast
 import json
@@ -31,12 +37,20 @@ def worker_setup():
     cfg = config.PatchConfig.from_env()
     config.activate(cfg)  # read by the optimizer choice below; no ngrpo hook is installed
     cpu_mode.apply_cpu_patches()
+    if cfg.seed is not None:
+        import torch
+
+        torch.manual_seed(cfg.seed)  # the prompt order, as ngrpo's hook (see the docstring)
+    if cfg.reproducible_rollouts:  # the same rollouts in every launch, on both sides of a comparison
+        from openrlhf_patch import reproducible_rollouts, upstream
+
+        upstream.patch_on_import(reproducible_rollouts.patches(cfg.seed or 0))
     from openrlhf.utils.deepspeed import deepspeed as ds_strategy
 
     ds_strategy.get_train_ds_config = hooks.wrap_train_ds_config(ds_strategy.get_train_ds_config)
 
 
-def main(run_dir: Path, log_file: Path):
+def main(run_dir: Path, log_file: Path, save_steps: str = "100000"):
     import ray
 
     from openrlhf_patch import cpu_mode
@@ -48,9 +62,10 @@ def main(run_dir: Path, log_file: Path):
     (out / rundir.TRAIN_DATA).parent.mkdir(parents=True)
     shutil.copyfile(run_dir / rundir.TRAIN_DATA, out / rundir.TRAIN_DATA)
     argv = training.materialise_argv(manifest["openrlhf_argv"], out)
-    if argv[argv.index("--algo.advantage.estimator") + 1] != "group_norm":
-        raise SystemExit(f"{run_dir}: not a grpo run (the baseline runs OpenRLHF's own group_norm)")
-    argv[argv.index("--ckpt.save_steps") + 1] = "100000"  # no checkpoint: compare training alone
+    if manifest["patch_config"]["estimator"] is not None:
+        raise SystemExit(f"{run_dir}: its estimator ({manifest['patch_config']['estimator']}) is ngrpo's; the "
+                         "baseline runs recipes whose estimator is OpenRLHF's own (grpo, dr_grpo, rloo, ppo)")
+    argv[argv.index("--ckpt.save_steps") + 1] = save_steps  # default: no checkpoint, compare training alone
 
     from openrlhf_patch.config import PatchConfig
 
@@ -83,4 +98,4 @@ def main(run_dir: Path, log_file: Path):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve())
+    main(Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve(), *sys.argv[3:4])

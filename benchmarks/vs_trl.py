@@ -15,7 +15,11 @@ a sweep (TRL's one process ~2 ms); sweeping every 0.25 s made ngrpo's steady ste
 A B A B carry no sampler, and then one more run of each tool (--memory-runs) measures memory.
 Both train with the same group size, lengths, learning rate, no KL (beta 0), one optimizer step
 per rollout, and the same math-verify reward; TRL is an optional benchmark dependency
-(`pip install trl==1.16.0 torch==2.13.0 transformers==5.19.0`).
+(`pip install -c requirements/stack.txt trl==1.16.0 torch==2.13.0`).
+
+`--before DIR` adds a third kind, `ngrpo` from another checkout DIR with its own DIR/.venv (e.g.
+the commit before a stack change, in a git worktree), run in turn with the other two: ngrpo before
+and after a change, side by side, each also as a ratio to TRL.
 
 The machine must be otherwise idle: on 2 shared cores everything else running changes both sides.
 """
@@ -100,11 +104,11 @@ class PeakPSS(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def _measure(cmd, env, times_of, memory: bool):
+def _measure(cmd, env, times_of, memory: bool, cwd=REPO):
     """Run CMD. A timed run (memory False) returns start-up, steady step and whole run; a memory
     run returns only the peak PSS of the process tree, as its sampler slows what it measures."""
     started = time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     sampler = PeakPSS(proc.pid) if memory else None
     if sampler:
         sampler.start()
@@ -123,9 +127,13 @@ def _measure(cmd, env, times_of, memory: bool):
             "steps": len(step_ends)}
 
 
-def run_ngrpo(model, data, work: Path, prompts, group, tokens, steps, env, memory=False):
+def run_ngrpo(model, data, work: Path, prompts, group, tokens, steps, env, memory=False, checkout=None):
+    """`ngrpo train` from this checkout, or from CHECKOUT with its own .venv (--before)."""
     out = work / "ngrpo-run"
-    cmd = [sys.executable, "-m", "ngrpo_cli.main", "train", "--model", str(model), "--data", str(data),
+    python = str(Path(checkout) / ".venv" / "bin" / "python") if checkout else sys.executable
+    if checkout:
+        env = {**env, "PYTHONPATH": str(checkout)}
+    cmd = [python, "-m", "ngrpo_cli.main", "train", "--model", str(model), "--data", str(data),
            "--output", str(out), "--device", "cpu", "--preset", "cpu-tiny", "--algo", "grpo", "--kl-mode", "none",
            "--prompts-per-step", str(prompts), "--samples-per-prompt", str(group), "--mini-batch-prompts", str(prompts),
            "--micro-train-batch-size", str(min(prompts * group, 16)), "--micro-rollout-batch-size",
@@ -135,7 +143,7 @@ def run_ngrpo(model, data, work: Path, prompts, group, tokens, steps, env, memor
     def times():
         return [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    return _measure(cmd, env, times, memory)
+    return _measure(cmd, env, times, memory, cwd=checkout or REPO)
 
 
 def run_trl(model, prompts_file, work: Path, prompts, group, tokens, steps, env, memory=False):
@@ -174,6 +182,8 @@ def main():
     parser.add_argument("--memory-runs", type=int, default=1,
                         help="Further runs of each tool, alternating, that measure peak memory only.")
     parser.add_argument("--work", default=None, help="Scratch folder (default: a temporary one).")
+    parser.add_argument("--before", default=None, help="Another checkout with its own .venv: a third kind, "
+                                                       "'before', run in turn with the other two.")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ngrpo-vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -189,15 +199,19 @@ def main():
                                      work / "trl_prompts.jsonl")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TOKENIZERS_PARALLELISM": "false"}
-    results = {"ngrpo": [], "trl": []}
-    memory = {"ngrpo": [], "trl": []}
+    kinds = ("ngrpo", "trl") + (("before",) if args.before else ())
+    results = {k: [] for k in kinds}
+    memory = {k: [] for k in kinds}
     for i in range(args.repeats + args.memory_runs):
         timed = i < args.repeats
         got = results if timed else memory
         got["ngrpo"].append(run_ngrpo(model, data, work, prompts, group, tokens, args.steps, env, memory=not timed))
         got["trl"].append(run_trl(model, trl_prompts, work, prompts, group, tokens, args.steps, env, memory=not timed))
+        if args.before:
+            got["before"].append(run_ngrpo(model, data, work, prompts, group, tokens, args.steps, env,
+                                           memory=not timed, checkout=args.before))
         print(f"{'pair' if timed else 'memory run'} {i + 1 if timed else i + 1 - args.repeats}: "
-              f"ngrpo {json.dumps(got['ngrpo'][-1])}\n        trl   {json.dumps(got['trl'][-1])}", flush=True)
+              + "\n        ".join(f"{k:6s} {json.dumps(got[k][-1])}" for k in kinds), flush=True)
     print(f"\n{args.model}, {prompts} prompts x {group} samples x {tokens} tokens, {args.steps} steps, "
           f"medians of {args.repeats} alternating timed runs and {args.memory_runs} memory run(s) each:")
     print(f"{'measure':16s} {'TRL':>10s} {'ngrpo':>10s} {'ngrpo/TRL':>10s}")
@@ -209,6 +223,9 @@ def main():
         b = statistics.median(r[key] for r in runs["ngrpo"])
         spread = max(r[key] for r in runs["ngrpo"]) - min(r[key] for r in runs["ngrpo"])
         print(f"{key:16s} {a:10.3f} {b:10.3f} {b / a:10.2f}   (ngrpo spread {spread:.3f})")
+        if args.before:
+            c = statistics.median(r[key] for r in runs["before"])
+            print(f"{'  before':16s} {a:10.3f} {c:10.3f} {c / a:10.2f}   (after / before {b / c:.3f})")
     results["memory"] = memory
     (work / "vs_trl.json").write_text(json.dumps(results, indent=2))
     print(f"raw numbers: {work / 'vs_trl.json'}")

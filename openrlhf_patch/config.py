@@ -40,6 +40,9 @@ class PatchConfig:
     # PPO's old log-probs: "reuse-on-policy" takes the training forward's own (detached) when a
     # rollout is one optimizer step, "forward" always runs OpenRLHF's extra policy forward.
     old_log_probs: str = "reuse-on-policy"
+    # The same rollouts in every launch: one vLLM seed per sample, groups in dispatch order
+    # (reproducible_rollouts.py).
+    reproducible_rollouts: bool = False
 
     @property
     def max_reward(self) -> float:

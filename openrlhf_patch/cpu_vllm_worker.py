@@ -6,14 +6,12 @@ set-up hook never reaches; vLLM imports this module there because the engine is 
   * keeps vLLM CPU's weight prepacking off: by default linear layers are repacked into oneDNN
     handles and their `weight` emptied after loading, so later `load_weights` calls (the weight
     sync after every training step) would silently be ignored;
-  * routes top-p sampling (a recipe's top_p < 1) through `cpu_top_p`, which does not sort the vocabulary;
 and the class receives the actor's weights over a gloo group on the CPU.
 """
 import math
 
 import torch
 
-from openrlhf_patch import cpu_top_p
 from openrlhf_patch.cpu_mode import GlooBroadcastGroup
 
 
@@ -30,7 +28,6 @@ def _keep_weights_unpacked() -> None:
 
 
 _keep_weights_unpacked()
-cpu_top_p.install()
 
 
 class CPUWorkerWrap:

@@ -128,6 +128,8 @@ def wrap_compute_advantages(upstream):
     def compute_advantages_and_returns(self, experiences):
         cfg = active()
         group_size = self.strategy.args.rollout.n_samples_per_prompt
+        for e in experiences:  # before an estimator, ngrpo's or OpenRLHF's, reads them
+            _checked_rewards(e, cfg)
         raw_rewards, _, _ = _in_prompt_order(experiences, [e.rewards.float() for e in experiences])
         started = time.perf_counter()
         if cfg.estimator is not None:
@@ -207,26 +209,30 @@ def wrap_training_step(upstream):
 # ---------------------------------------------------------------------------------------------
 # 3. Sampling: the group filter, reward checks, max steps
 # ---------------------------------------------------------------------------------------------
-def _response_rewards(experiences, cfg) -> torch.Tensor:
-    """The rewards of one prompt's responses; RewardError when one is missing or not finite."""
-    values = []
-    for e in experiences:
-        if e.rewards is None:
-            from pipelines.reward import recorded_error
+def _checked_rewards(experience, cfg) -> torch.Tensor:
+    """EXPERIENCE's rewards (one per sample, float64); RewardError when one is missing or not finite.
+    Runs on every group in the filter's loop and on the whole batch before the advantages."""
+    if experience.rewards is None:
+        from pipelines.reward import recorded_error
 
-            # OpenRLHF logs a reward function's exception at INFO level and goes on without a
-            # reward; ngrpo's reward file recorded the user's traceback for this message.
-            raise RewardError(recorded_error(cfg.run_dir) or
-                              f"the reward function ({cfg.reward_file}) returned no reward for a response of "
-                              f"prompt {e.prompts[0][:200]!r}; its error is in the run's log")
-        values.append(float(e.rewards.flatten()[0]))
-    rewards = torch.tensor(values, dtype=torch.float64)
-    bad = ~torch.isfinite(rewards)
-    if bool(bad.any()):
-        raise RewardError(f"the reward function ({cfg.reward_file}) returned {values[int(bad.nonzero()[0])]} for a "
-                          f"response of prompt {experiences[0].prompts[0][:200]!r} (label {experiences[0].labels[0]!r}); "
+        # OpenRLHF logs a reward function's exception at INFO level and goes on without a
+        # reward; ngrpo's reward file recorded the user's traceback for this message.
+        raise RewardError(recorded_error(cfg.run_dir) or
+                          f"the reward function ({cfg.reward_file}) returned no reward for a response of "
+                          f"prompt {experience.prompts[0][:200]!r}; its error is in the run's log")
+    rewards = experience.rewards.detach().reshape(len(experience.rewards), -1)[:, 0].to(torch.float64)
+    bad = (~torch.isfinite(rewards)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise RewardError(f"the reward function ({cfg.reward_file}) returned {rewards[i].item()} for a response of "
+                          f"prompt {experience.prompts[i][:200]!r} (label {experience.labels[i]!r}); "
                           "rewards must be finite numbers")
     return rewards
+
+
+def _response_rewards(experiences, cfg) -> torch.Tensor:
+    """The rewards of one prompt's responses (one experience each), checked."""
+    return torch.cat([_checked_rewards(e, cfg) for e in experiences])
 
 
 def make_generate_vllm():

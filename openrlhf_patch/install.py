@@ -67,6 +67,10 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
     if config.device == "cpu":
         cpu_mode.apply_cpu_patches()
     upstream.patch_on_import(HOOK_PATCHES)
+    if config.reproducible_rollouts:  # after HOOK_PATCHES: it wraps whichever generation loop runs
+        from openrlhf_patch import reproducible_rollouts
+
+        upstream.patch_on_import(reproducible_rollouts.patches(config.seed or 0))
 
     _state["applied"] = config
     print(
@@ -110,7 +114,9 @@ def _patch_samples_generator(samples_generator):
     generator = samples_generator.SamplesGenerator
     generator.generate_samples = hooks.wrap_generate_samples(generator.generate_samples)
     generator._dispatch_prompts_to_vllm = tokenizer_once.wrap_dispatch_prompts(generator._dispatch_prompts_to_vllm)
-    if not getattr(generator._generate_vllm, "_ngrpo", False):
+    # ngrpo's refill loop only where a group filter needs it: without one, OpenRLHF's own loop
+    # generates (the rewards are checked before the advantages, hooks.wrap_compute_advantages).
+    if patch_config.active().group_filter != "none" and not getattr(generator._generate_vllm, "_ngrpo", False):
         generator._generate_vllm = hooks.make_generate_vllm()
 
 

@@ -7,26 +7,41 @@ weights that made the rollout, so log pi_old is log pi_theta itself, detached, a
 TRL's GRPOTrainer skips the same forward then (num_iterations=1). On CPU that forward was a quarter
 of the tiny model's step.
 
+The decision is taken from the run's configuration, before any rollout, as TRL's is from
+num_iterations (`deferral_blocker`, `one_step_blocker`): reuse iff --old-log-probs reuse-on-policy,
+no critic, no KL penalty in the reward, no vLLM importance-sampling correction, no dynamic batching,
+ring attention or tensor parallelism, one epoch, a train batch of exactly the rollout's samples,
+an estimator that trains on every sample (PSR and NSR drop some), and micro-batches that split
+evenly over the policy's ranks. Any other configuration (the paper preset's 4 optimizer steps per
+rollout, for one) runs OpenRLHF's make_experience_batch unchanged at every step.
+
 How, in OpenRLHF's own code paths:
-  * trainer (`wrap_make_experience_batch`): when the run's settings allow it (`deferral_blocker`),
-    make_experience runs with the policy's forward left out (zeros stand in for what it would have
-    returned, as they do for a missing reference model) and the experiences carry
-    `action_log_probs=None`. After compute_advantages_and_returns has fixed the step's samples
-    (PSR and NSR drop some), the trainer checks the step is one whole optimizer step
-    (`one_optimizer_step`); if not, it runs upstream's forward on those samples then, with the
-    same weights as at the rollout, so nothing changes but the order.
+  * trainer (`wrap_make_experience_batch`): where the configuration allows reuse, OpenRLHF's own
+    make_experience_batch runs with the policy's forward left out (`_policy_forward_left_out`):
+    NaN tensors of its shape stand in for what it would have returned, and the experiences leave
+    make_experience with `action_log_probs=None`. In these configurations OpenRLHF reads the
+    policy's log-probs only for a KL in the reward (refused) and otherwise makes the logged KL of
+    zeros_like; a NaN that reached a metric or an advantage anyway would show, never a plausible 0.
+    A rollout of another size than the configuration's (the last, short one of an episode: the
+    prompt loader serves every prompt, batch size 1) is not one optimizer step and leaves
+    DeepSpeed's accumulation window shifted for every later step: from that rollout on, the run
+    computes old log-probs with OpenRLHF's forward (logged once).
   * policy (`PolicyLossWithClipBounds` in hooks.py): a None old log-prob is `log_probs.detach()`.
   * policy (`wrap_ppo_train`, `check_weights_unchanged`): a micro-batch without old log-probs after
     the optimizer has stepped within the same ppo_train is an error, never a silent off-policy step.
 
 `--old-log-probs forward` (PatchConfig.old_log_probs) keeps upstream's forward at every step.
+OpenRLHF's make_experience, which the NaN analysis above rests on, is hashed in
+openrlhf_patch/upstream.py COPIES.
 """
+import contextlib
 import functools
 import sys
 from typing import Optional
 
 import torch
 
+from openrlhf_patch.algorithms import ESTIMATORS
 from openrlhf_patch.config import active
 
 MODES = ("reuse-on-policy", "forward")
@@ -35,7 +50,8 @@ REUSED_METRIC = "ngrpo/old_log_probs_reused"
 
 def deferral_blocker(args, maker) -> Optional[str]:
     """Why this run's trainer must compute old log-probs with a separate forward, or None when it
-    may leave them to the policy. Only settings known before the rollout count here."""
+    may leave them to the policy. A function of the configuration alone (ARGS, OpenRLHF's parsed
+    arguments; MAKER's model groups; the active PatchConfig), known before the first rollout."""
     if active().old_log_probs != "reuse-on-policy":
         return f"--old-log-probs {active().old_log_probs}"
     if args.train.max_epochs != 1:
@@ -50,15 +66,35 @@ def deferral_blocker(args, maker) -> Optional[str]:
         return "dynamic batching or asynchronous training"
     if args.ds.ring_attn_size != 1 or args.ds.tensor_parallel_size != 1:
         return "ring attention or tensor parallelism"
+    return one_step_blocker(args)
+
+
+def rollout_samples(args) -> int:
+    """Samples in a full rollout of this configuration."""
+    return args.rollout.batch_size * args.rollout.n_samples_per_prompt
+
+
+def one_step_blocker(args) -> Optional[str]:
+    """Why a full rollout of this configuration is not exactly one optimizer step with the weights
+    that generated it, or None. OpenRLHF cuts a rollout into micro-batches of
+    rollout.micro_batch_size and hands each policy rank a contiguous share of them; each rank
+    steps its optimizer after train.batch_size / ranks samples (DeepSpeed counts micro-batches
+    across ppo_train calls)."""
+    samples, train_batch = rollout_samples(args), args.train.batch_size
+    if train_batch != samples:
+        if samples % train_batch == 0:
+            return f"{samples // train_batch} optimizer steps per rollout"
+        return f"an optimizer step of {train_batch} samples for rollouts of {samples}"
+    estimator = active().estimator
+    if estimator is not None:
+        trains_on = ESTIMATORS[estimator].trains_on
+        if trains_on != "all":
+            return f"{estimator} trains on the {trains_on} responses only (a step's size depends on the rewards)"
+    ranks, micro = _policy_ranks(args), args.rollout.micro_batch_size
+    if samples % micro or (samples // micro) % ranks:
+        return (f"{samples} samples in micro-batches of {micro} do not split evenly over {ranks} policy "
+                f"rank{'s' if ranks > 1 else ''}")
     return None
-
-
-def one_optimizer_step(batch_sizes, train_batch_size: int, policy_ranks: int) -> bool:
-    """Whether experiences of BATCH_SIZES samples make exactly one optimizer step of
-    TRAIN_BATCH_SIZE samples, split evenly over POLICY_RANKS (OpenRLHF hands each rank a
-    contiguous share of the list, and each rank steps after its share of micro-batches)."""
-    return (sum(batch_sizes) == train_batch_size and len(batch_sizes) % policy_ranks == 0
-            and len(set(batch_sizes)) == 1)
 
 
 def _policy_ranks(args) -> int:
@@ -71,63 +107,74 @@ def wrap_make_experience_batch(upstream):
 
     @functools.wraps(upstream)
     @torch.no_grad()
-    def make_experience_batch(self, rollout_samples):
+    def make_experience_batch(self, rollout_samples_):
         args = self.strategy.args
-        blocker = deferral_blocker(args, self)
-        if blocker is None and any(inputs for s in rollout_samples for inputs in s.mm_train_inputs):  # None: text
-            blocker = "multimodal inputs"
-        if not getattr(self, "_ngrpo_choice_logged", False):
-            log_choice(blocker)
-            self._ngrpo_choice_logged = True
+        if not hasattr(self, "_ngrpo_blocker"):  # the configuration's decision, once
+            self._ngrpo_blocker = deferral_blocker(args, self)
+            log_choice(self._ngrpo_blocker)
+        blocker = self._ngrpo_blocker
+        expected = rollout_samples(args)
+        if blocker is None and len(rollout_samples_) != expected:
+            # DeepSpeed's accumulation window no longer ends with a rollout: from now on the
+            # trainer cannot know where the optimizer steps.
+            blocker = self._ngrpo_blocker = (
+                f"a rollout of {len(rollout_samples_)} samples, not {expected}, shifted the optimizer's steps")
+            log_fallback(blocker)
+        if blocker is None and any(inputs for s in rollout_samples_ for inputs in s.mm_train_inputs):  # None: text
+            blocker = "multimodal inputs"  # this rollout only: the windows stay aligned
         if blocker is not None:
-            experiences = upstream(self, rollout_samples)
+            experiences = upstream(self, rollout_samples_)
             _mark(experiences, reused=False)
             return experiences
-        samples_list = self.split_rollout_samples(rollout_samples)
-        experiences = _make_experience_without_policy_forward(self, samples_list)
-        experiences = self.compute_advantages_and_returns(experiences)
-        # DeepSpeed counts micro-batches across ppo_train calls: a step that was not a whole
-        # number of optimizer steps leaves the next one's window shifted, so from then on the
-        # trainer cannot know where the optimizer steps and always computes old log-probs.
-        sizes = [len(e.sequences) for e in experiences]
-        aligned = getattr(self, "_ngrpo_windows_aligned", True)
-        reuse = aligned and one_optimizer_step(sizes, args.train.batch_size, _policy_ranks(args))
-        self._ngrpo_windows_aligned = aligned and sum(sizes) % args.train.batch_size == 0
-        if not reuse:
-            refs = self._dispatch_forward(
-                self.actor_model_group, args.train.colocate_all or args.train.colocate_actor_ref,
-                sequences=[e.sequences for e in experiences], action_mask=[e.action_mask for e in experiences],
-                attention_mask=[e.attention_mask for e in experiences])
-            for e, log_probs in zip(experiences, self._flatten_results(refs, 1)):
-                e.action_log_probs = log_probs
-        _mark(experiences, reused=reuse)
+        with _policy_forward_left_out(self):
+            experiences = upstream(self, rollout_samples_)
+        trained = sum(len(e.sequences) for e in experiences)
+        if trained != expected:
+            raise RuntimeError(
+                f"ngrpo: {trained} of a rollout's {expected} samples reached training although this "
+                "configuration trains on every sample, and their old log-probs were left to the policy. This is "
+                "a bug in ngrpo's on-policy check (openrlhf_patch/old_log_probs.py); run with --old-log-probs "
+                "forward and report it.")
+        _mark(experiences, reused=True)
         return experiences
 
     make_experience_batch._ngrpo = True
     return make_experience_batch
 
 
-def _make_experience_without_policy_forward(maker, samples_list):
-    """Upstream's make_experience (reward, critic and reference forwards, KL) with the policy's
-    forward replaced by zeros of its shape; the experiences then carry no old log-probs."""
+def nan_log_probs(action_masks):
+    """What the policy's forward returns for these micro-batches, as NaN: read by mistake, it
+    poisons whatever it reaches instead of passing for a log-prob of 0."""
+    return [torch.full(tuple(mask.shape), float("nan")) for mask in action_masks]
+
+
+@contextlib.contextmanager
+def _policy_forward_left_out(maker):
+    """Within it, MAKER's make_experience leaves out the policy's forward (`nan_log_probs` stand in
+    for its result; reward, critic and reference forwards run as usual) and returns experiences
+    with action_log_probs=None."""
     import ray
 
     policy_group = maker.actor_model_group
-    dispatch = maker._dispatch_forward
+    dispatch, make_experience = maker._dispatch_forward, maker.make_experience
 
     def dispatch_forward(group, sync_condition, **kwargs):
         if group is policy_group:
-            return [ray.put([torch.zeros(mask.shape) for mask in kwargs["action_mask"]])]
+            return [ray.put(nan_log_probs(kwargs["action_mask"]))]
         return dispatch(group, sync_condition, **kwargs)
 
+    def make_experience_without_old_log_probs(samples_list):
+        experiences = make_experience(samples_list)
+        for e in experiences:
+            e.action_log_probs = None
+        return experiences
+
     maker._dispatch_forward = dispatch_forward
+    maker.make_experience = make_experience_without_old_log_probs
     try:
-        experiences = maker.make_experience(samples_list)
+        yield
     finally:
-        del maker._dispatch_forward  # back to the class's method
-    for e in experiences:
-        e.action_log_probs = None
-    return experiences
+        del maker._dispatch_forward, maker.make_experience  # back to the class's methods
 
 
 def _mark(experiences, reused: bool) -> None:
@@ -163,6 +210,11 @@ def check_weights_unchanged(trainer, experience) -> None:
 
 
 def log_choice(blocker: Optional[str]) -> None:
-    how = "reused from the training forward when a rollout is one optimizer step" if blocker is None else (
+    how = "reused from the training forward: a rollout is one optimizer step" if blocker is None else (
         f"from a separate policy forward ({blocker})")
     print(f"[ngrpo] old log-probs: {how}", file=sys.stderr, flush=True)
+
+
+def log_fallback(reason: str) -> None:
+    print(f"[ngrpo] old log-probs: from a separate policy forward from this step on ({reason})",
+          file=sys.stderr, flush=True)

@@ -12,9 +12,19 @@ from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS, GROUP_FILTE
 from openrlhf_patch.old_log_probs import MODES as OLD_LOG_PROBS_MODES
 from pipelines.arith import WORKED_SOLUTION_TOKENS
 
-# OpenRLHF's own estimators that ngrpo's core does not compute (PPO's GAE with a critic).
-UPSTREAM_ESTIMATORS = ("gae",)
-ESTIMATOR_CHOICES = tuple(ESTIMATORS) + UPSTREAM_ESTIMATORS
+# Estimators OpenRLHF computes itself. A recipe that names one trains exactly as OpenRLHF trains
+# it: ngrpo's patch only reads the advantages for its diagnostics (tests/test_upstream_parity.py).
+# The baselines grpo, dapo, dr_grpo, rloo and ppo use these. ngrpo's core (algorithms.ESTIMATORS)
+# also has dr_grpo and rloo, as checked references; the name runs OpenRLHF's.
+UPSTREAM_ESTIMATORS = {
+    "group_norm": "GRPO's (r - mean) / (std + 1e-9) within the group, OpenRLHF's own",
+    "dr_grpo": "Dr. GRPO's r - mean within the group, OpenRLHF's own",
+    "rloo": "RLOO's leave-one-out baseline, OpenRLHF's own",
+    "gae": "PPO's GAE with a critic, OpenRLHF's own",
+}
+ESTIMATOR_CHOICES = tuple(e for e in ESTIMATORS if e not in UPSTREAM_ESTIMATORS) + tuple(UPSTREAM_ESTIMATORS)
+# The estimators that work on groups of responses to the same prompt (all but PPO's GAE).
+GROUP_ESTIMATORS = frozenset(ESTIMATOR_CHOICES) - {"gae"}
 
 
 class RecipeError(ValueError):
@@ -33,9 +43,9 @@ def _option(name: str):
 @dataclasses.dataclass
 class Recipe:
     # -- advantage estimation (the estimators and their options come from openrlhf_patch.algorithms)
-    estimator: str = setting("grpo", "Advantage estimator. " + " ".join(
-        f"{e.name}: {e.summary.rstrip('.')}." for e in ESTIMATORS.values()) + " gae: PPO's GAE with a critic "
-        "(OpenRLHF's own).", ESTIMATOR_CHOICES)
+    estimator: str = setting("group_norm", "Advantage estimator. ngrpo's: " + " ".join(
+        f"{e.name}: {e.summary.rstrip('.')}." for e in ESTIMATORS.values() if e.name not in UPSTREAM_ESTIMATORS)
+        + " OpenRLHF's: " + " ".join(f"{k}: {v}." for k, v in UPSTREAM_ESTIMATORS.items()), ESTIMATOR_CHOICES)
     virtual_samples: int = _option("virtual_samples")
     max_reward: float = _option("max_reward")
     adv_eps: float = _option("adv_eps")
@@ -100,6 +110,11 @@ class Recipe:
     max_tokens_per_gpu: Optional[int] = setting(None, "With packing: tokens per GPU in a micro-batch (default 16384, "
                                                       "as OpenRLHF's 7B examples).")
     seed: int = setting(42, "Random seed (data order, sampling).")
+    reproducible_rollouts: bool = setting(False, "The same rollouts in every launch with the same --seed: each "
+                                                 "sample gets its own vLLM seed (from --seed, the prompt and the "
+                                                 "sample's index) and a step's groups keep their dispatch order. "
+                                                 "Off: OpenRLHF's sampling (one generator per engine, shared by the "
+                                                 "running batch) and groups in the order they finish.")
 
     @classmethod
     def flag(cls, name: str) -> str:
@@ -131,7 +146,7 @@ class Recipe:
             fail("top_p", "must be in (0, 1]")
         if not 0.0 <= self.lr_warmup_ratio < 1.0:
             fail("lr_warmup_ratio", "must be in [0, 1)")
-        if self.estimator in ESTIMATORS and self.samples_per_prompt < 2:
+        if self.estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
             fail("samples_per_prompt", f"the {self.estimator} estimator works on groups of responses to the same "
                                        "prompt: use at least 2 (the paper uses 8)")
         if self.overlong_buffer and not 0 < self.overlong_buffer < self.max_response_len:
@@ -154,8 +169,8 @@ OVERLONG_THIRD = "a third of --max-response-len"
 # docs/ALGORITHM.md §5: what each algorithm changes from the shared settings.
 ALGO_SETTINGS = {
     "ngrpo": dict(estimator="ngrpo", eps_clip_low=0.16, eps_clip_high=0.24, group_filter="drop_all_correct"),
-    "grpo": dict(estimator="grpo", kl_mode="loss", kl_coef=0.001, kl_estimator="k3"),
-    "dapo": dict(estimator="grpo", eps_clip_high=0.28, group_filter="drop_all_correct_and_all_wrong",
+    "grpo": dict(estimator="group_norm", kl_mode="loss", kl_coef=0.001, kl_estimator="k3"),
+    "dapo": dict(estimator="group_norm", eps_clip_high=0.28, group_filter="drop_all_correct_and_all_wrong",
                  overlong_buffer=OVERLONG_THIRD),
     "w_reinforce": dict(estimator="w_reinforce"),
     "psr": dict(estimator="psr"),
@@ -176,7 +191,14 @@ CPU_TINY = dict(
 # (packing and dynamic batching follow where flash-attn allows, pipelines/gpu_run.py); micro-batch
 # sizes are memory knobs, nothing of the algorithm changes.
 PAPER = dict(zero_stage=3, gradient_checkpointing=True)
-PRESETS = {"paper": PAPER, "cpu-tiny": CPU_TINY}
+# The paper preset's shape at a tiny model's size, to run a GPU run's structure on a CPU
+# (tests/test_paper_shape.py): only the sizes differ. 8 / 2 prompts are 4 optimizer steps per
+# rollout, as 1024 / 256; ZeRO-3, gradient checkpointing, micro-batches, epochs, and each
+# algorithm's clip, KL, entropy and filter settings are paper's. Validation is not a recipe
+# setting: give a small set with --eval-data FILE --eval-every N.
+PAPER_CPU = dict(PAPER, prompts_per_step=8, mini_batch_prompts=2, samples_per_prompt=4, max_prompt_len=128,
+                 max_response_len=WORKED_SOLUTION_TOKENS, lr=1e-4)
+PRESETS = {"paper": PAPER, "cpu-tiny": CPU_TINY, "paper-cpu": PAPER_CPU}
 
 
 def build_recipe(algo: str, preset: str = "paper", overrides: Optional[dict] = None) -> Recipe:

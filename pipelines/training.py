@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS
+from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS
 from openrlhf_patch.config import PatchConfig
 from pipelines import early_ray, gpu_memory, gpu_run, rundir
 from pipelines.prompts import build_prompt
-from pipelines.recipes import Recipe
+from pipelines.recipes import UPSTREAM_ESTIMATORS, Recipe
 
 OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
 DEFAULT_REWARD_FILE = str(Path(__file__).with_name("reward.py"))
@@ -61,9 +61,9 @@ class Layout:
 
 
 def openrlhf_estimator(estimator: str) -> str:
-    """The estimator name OpenRLHF's parser is given. ngrpo's own estimators run inside OpenRLHF's
-    group path (group_norm), whose group step the patch replaces."""
-    return "group_norm" if estimator in ESTIMATORS else estimator
+    """The estimator name OpenRLHF's parser is given: OpenRLHF's own estimators by name; ngrpo's
+    run inside OpenRLHF's group path (group_norm), whose group step the patch replaces."""
+    return estimator if estimator in UPSTREAM_ESTIMATORS else "group_norm"
 
 
 def build_openrlhf_argv(recipe: Recipe, *, model: str, layout: Layout, save_steps: int = 1, keep_checkpoints: int = 3, eval_every: Optional[int] = None,
@@ -185,7 +185,7 @@ def materialise_argv(argv: List[str], run_dir) -> List[str]:
 def build_patch_config(recipe: Recipe, *, device: str, max_steps: Optional[int], reward_file: str) -> PatchConfig:
     """The settings the workers' patch needs (the run directory is filled in at launch)."""
     return PatchConfig(
-        estimator=recipe.estimator if recipe.estimator in ESTIMATORS else None,
+        estimator=None if recipe.estimator in UPSTREAM_ESTIMATORS else recipe.estimator,  # None: OpenRLHF's
         estimator_options={name: getattr(recipe, name) for name in ESTIMATOR_OPTIONS},
         group_filter=recipe.group_filter,
         device=device,
@@ -194,6 +194,7 @@ def build_patch_config(recipe: Recipe, *, device: str, max_steps: Optional[int],
         answer_extraction=recipe.answer_extraction,
         reward_file=reward_file,
         old_log_probs=recipe.old_log_probs,
+        reproducible_rollouts=recipe.reproducible_rollouts,
     )
 
 

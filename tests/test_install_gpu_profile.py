@@ -35,6 +35,9 @@ NOT_NEEDED = {
     "transformers-stream-generator": "not imported by openrlhf 0.11.2",
     "wandb": "only with --logger.wandb.key, imported inside that branch",
 }
+# The one stack both profiles install (requirements/stack.txt, a pip constraints file).
+STACK = {line.split("==")[0]: line.split("==")[1].split()[0] for line in (REQUIREMENTS / "stack.txt").read_text().splitlines()
+         if "==" in line and not line.startswith("#")}
 # The one sdist the profile builds: a pure-Python build with DS_BUILD_OPS=0 (no compiler).
 ALLOWED_SDISTS = {"deepspeed"}
 
@@ -125,15 +128,18 @@ def test_gpu_profile_resolves_from_wheels_with_consistent_pins(index, tmp_path, 
     report = _dry_run(python, tmp_path, "gpu.txt", "--only-binary=:all:", "-r", str(REQUIREMENTS / "gpu.txt"))
     resolved = _resolved(report)
     assert not [name for name, item in resolved.items() if _is_sdist(item)]
-    # OpenRLHF 0.11.2's pins, and torch as vLLM 0.29.0 pins it: the CUDA build from PyPI, not +cpu
+    # the one stack (OpenRLHF 0.11.2's pins), and torch as vLLM pins it: the CUDA build from PyPI, not +cpu
     versions = {name: resolved[name]["metadata"]["version"] for name in ("torch", "vllm", "ray", "transformers")}
-    assert versions == {"torch": "2.13.0", "vllm": "0.29.0", "ray": "2.55.0", "transformers": "5.15.0"}
+    assert versions == {name: STACK[name] for name in versions} == {
+        "torch": "2.13.0", "vllm": "0.29.0", "ray": "2.55.0", "transformers": "5.15.0"}
     assert any(name.startswith("nvidia-cudnn") for name in resolved), "torch resolved without its CUDA libraries"
     assert "flash-attn" not in resolved
 
     no_deps = _dry_run(python, tmp_path, "gpu-no-deps.txt", "--no-deps", "-r", str(REQUIREMENTS / "gpu-no-deps.txt"))
     added = _resolved(no_deps)
     assert set(added) == {"deepspeed", "openrlhf"}
+    assert {name: item["metadata"]["version"] for name, item in added.items()} == {
+        name: STACK[name] for name in ("deepspeed", "openrlhf")}
     assert {name for name, item in added.items() if _is_sdist(item)} <= ALLOWED_SDISTS
     assert not _is_sdist(added["openrlhf"]), "openrlhf must install from a wheel"
     everything = {**resolved, **added}
@@ -144,7 +150,7 @@ def test_gpu_profile_resolves_from_wheels_with_consistent_pins(index, tmp_path, 
 @pytest.mark.slow
 def test_deepspeed_sdist_builds_without_a_compiler(index, tmp_path):
     """DS_BUILD_OPS=0 gives a pure-Python wheel (py3-none-any): nothing was compiled."""
-    line = next(l for l in (REQUIREMENTS / "gpu-no-deps.txt").read_text().splitlines() if l.startswith("deepspeed=="))
+    line = next(l for l in (REQUIREMENTS / "stack.txt").read_text().splitlines() if l.startswith("deepspeed=="))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-cache-dir", "--no-deps",
                           "--no-build-isolation", "-w", str(tmp_path), line],
                          env={**_pip_env(), "DS_BUILD_OPS": "0"}, capture_output=True, text=True, timeout=1800)
@@ -156,7 +162,8 @@ def test_deepspeed_sdist_builds_without_a_compiler(index, tmp_path):
 def test_install_sh_installs_the_same_files():
     """install.sh's GPU branch reads the requirement files this test resolves (one source of truth)."""
     script = (REPO_ROOT / "install.sh").read_text()
-    gpu_branch = script[script.index("else\n  $PIP install -q --only-binary"):]
-    assert "--only-binary=:all: -r requirements/gpu.txt" in gpu_branch
-    assert "DS_BUILD_OPS=0 $PIP install -q --no-deps --no-build-isolation -r requirements/gpu-no-deps.txt" in gpu_branch
+    gpu_branch = script[script.index("else\n  $PIP install -q \"${STACK[@]}\" --only-binary"):]
+    assert '$PIP install -q "${STACK[@]}" --only-binary=:all: -r requirements/gpu.txt' in gpu_branch
+    assert ('DS_BUILD_OPS=0 $PIP install -q "${STACK[@]}" --no-deps --no-build-isolation -r requirements/gpu-no-deps.txt'
+            in gpu_branch)
     assert "-r common.txt" in (REQUIREMENTS / "gpu.txt").read_text()

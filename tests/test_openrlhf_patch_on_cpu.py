@@ -144,9 +144,11 @@ EXPECTED = {  # algo: (estimator given to OpenRLHF, clip low/high, kl init coef,
     "psr": ("group_norm", (0.2, 0.2), 0.0, False, "none"),
     "nsr": ("group_norm", (0.2, 0.2), 0.0, False, "none"),
     "ppo": ("gae", (0.2, 0.2), 0.001, False, "none"),
-    "dr_grpo": ("group_norm", (0.2, 0.2), 0.0, False, "none"),
-    "rloo": ("group_norm", (0.2, 0.2), 0.0, False, "none"),
+    "dr_grpo": ("dr_grpo", (0.2, 0.2), 0.0, False, "none"),
+    "rloo": ("rloo", (0.2, 0.2), 0.0, False, "none"),
 }
+# The baselines whose estimator is OpenRLHF's own: ngrpo's patch computes no advantage for them.
+UPSTREAM_ESTIMATOR_ALGOS = ("grpo", "dapo", "ppo", "dr_grpo", "rloo")
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -160,8 +162,10 @@ def test_every_recipe_passes_openrlhf_parser(patched, algo, device):
     assert tuple(args.actor.eps_clip_low_high) == pytest.approx(clip)
     assert args.algo.kl.init_coef == kl and args.algo.kl.use_loss == kl_loss
     assert args.algo.dynamic_filtering_enable == (group_filter != "none")
-    assert training.build_patch_config(build_recipe(algo, "paper"), device=device, max_steps=None,
-                                       reward_file="r.py").group_filter == group_filter
+    patch_config = training.build_patch_config(build_recipe(algo, "paper"), device=device, max_steps=None,
+                                               reward_file="r.py")
+    assert patch_config.group_filter == group_filter
+    assert (patch_config.estimator is None) == (algo in UPSTREAM_ESTIMATOR_ALGOS)
     # docs/ALGORITHM.md §5 shared settings: 1024 prompts x 8 samples, mini-batch of 256 prompts,
     # lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01 as the authors
     assert (args.rollout.batch_size, args.rollout.n_samples_per_prompt, args.train.batch_size) == (1024, 8, 2048)
@@ -300,7 +304,12 @@ def test_every_estimator_has_a_recipe_and_every_option_a_flag():
 
     fields = {f.name for f in dataclasses.fields(Recipe)}
     assert set(ESTIMATOR_OPTIONS) <= fields
+    from pipelines.recipes import UPSTREAM_ESTIMATORS
+
     for name, est in ESTIMATORS.items():
         assert name in ESTIMATOR_CHOICES and est.paper and est.summary
-        assert any(s.get("estimator") == name for s in ALGO_SETTINGS.values()), name
+        # grpo: the NGRPO authors' GRPO (eps 1e-6), --estimator grpo; the grpo recipe runs OpenRLHF's group_norm
+        assert name == "grpo" or any(s.get("estimator") == name for s in ALGO_SETTINGS.values()), name
+    for name in UPSTREAM_ESTIMATORS:  # each of OpenRLHF's estimators ngrpo offers has a recipe
+        assert name in ESTIMATOR_CHOICES and any(s.get("estimator") == name for s in ALGO_SETTINGS.values()), name
     assert build_recipe("ngrpo").estimator == "ngrpo"
