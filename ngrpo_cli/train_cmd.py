@@ -84,8 +84,9 @@ def _load_yaml_config(path):
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="YAML file of recipe settings (flags given here win).")
 @click.option("--preset", type=click.Choice(["auto", *PRESETS]), default="auto",
-              help="Base settings: paper (docs/ALGORITHM.md §5) or cpu-tiny (small batches and lengths for a "
-                   "laptop); auto = paper on GPU, cpu-tiny on CPU.")
+              help="Base settings: paper (docs/ALGORITHM.md §5), paper-cpu (the paper's structure, 4 optimizer "
+                   "steps a rollout, ZeRO-3, gradient checkpointing, at CPU sizes) or cpu-tiny (small batches and "
+                   "lengths for a laptop, one optimizer step a rollout); auto = paper on GPU, cpu-tiny on CPU.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", help="auto: cuda if available, else cpu mode.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many training steps (a final model is still saved).")
@@ -200,7 +201,7 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
     if len(problems) < recipe.prompts_per_step:
         raise click.UsageError(f"{data_path}: {len(problems)} problems, fewer than one step's "
                                f"{recipe.prompts_per_step} prompts (--prompts-per-step)")
-    long_prompts = long_prompts or ("drop" if preset == "paper" else "refuse")
+    long_prompts = long_prompts or ("drop" if preset in ("paper", "paper-cpu") else "refuse")
     layout = training.Layout.for_device(device, nodes=nodes, gpus_per_node=gpus_per_node, vllm_engines=vllm_engines,
                                         vllm_tensor_parallel=vllm_tp, colocate=colocate)
     reward_file = str(Path(reward_file).resolve()) if reward_file else training.DEFAULT_REWARD_FILE

