@@ -40,7 +40,8 @@ def _protocol_help(name: str) -> str:
 @click.option("--max-model-len", default=None, type=int, help="vLLM context length (default: prompt + max new tokens, "
                                                                "capped at the model's).")
 @click.option("--save-token-ids", is_flag=True, help="Also store the response token ids in samples.jsonl.")
-@click.option("--overwrite", is_flag=True, help="Discard earlier samples in OUT_DIR instead of resuming.")
+@click.option("--overwrite", is_flag=True, help="Discard earlier samples in OUT_DIR instead of resuming; also write into "
+                                               "an OUT_DIR that holds files eval did not write.")
 @click.option("--grader-timeout", default=None, type=float,
               help="Wall-clock seconds math-verify may spend on one answer (default 5; NGRPO_GRADER_TIMEOUT).")
 @click.option("--answer-extraction", type=click.Choice(["boxed", "authors"]), default="boxed", show_default=True,
@@ -50,7 +51,9 @@ def _protocol_help(name: str) -> str:
               help="torch.compile vLLM's model. On CPU it costs ~40 s of start-up for ~1.4x the tokens/s "
                    "(SmolLM2-135M), so auto compiles only a job of 200k+ tokens (samples x max new tokens); "
                    "on a GPU auto is vLLM's default (compiled, CUDA graphs).")
-@click.option("--trust-remote-code", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a model whose config names custom code (auto_map) run that code; without it such a model "
+                   "is refused.")
 def eval_cmd(model, protocol, benchmarks, out_dir, backend, n, temperature, top_p, max_new_tokens, seed, limit,
              data_dir, dtype, batch_size, tensor_parallel_size, gpu_memory_utilization, max_model_len, save_token_ids,
              overwrite, grader_timeout, answer_extraction, vllm_compile, trust_remote_code):

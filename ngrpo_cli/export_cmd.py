@@ -29,7 +29,11 @@ def _shard_size(ctx, param, value):
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="If a file of the DeepSpeed checkpoint holds an object that torch.load(weights_only=True) refuses, "
                    "load it with weights_only=False. That can run code stored in the file: only for checkpoints you made.")
-def export_hf(source, out_dir, step, final, base_model, dtype, max_shard_size, force, allow_unsafe_pickle):
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a model whose config names custom code (auto_map) run that code; without it such a model "
+                   "is refused.")
+def export_hf(source, out_dir, step, final, base_model, dtype, max_shard_size, force, allow_unsafe_pickle,
+              trust_remote_code):
     """Write the weights of SOURCE as a Hugging Face model folder OUT_DIR.
 
     SOURCE is a run directory (its latest DeepSpeed checkpoint, or final_model/ with --final), an
@@ -44,6 +48,7 @@ def export_hf(source, out_dir, step, final, base_model, dtype, max_shard_size, f
     try:
         result = run_export(source, out_dir, step=step, final=final, base_model=base_model, dtype=dtype,
                             max_shard_size=max_shard_size, force=force, allow_unsafe_pickle=allow_unsafe_pickle,
+                            trust_remote_code=trust_remote_code,
                             log=lambda msg: click.echo(msg, err=True))
     except ExportError as err:
         raise click.ClickException(str(err))

@@ -13,8 +13,9 @@ import click
 @click.option("--shuffle", is_flag=True, help="Shuffle the problems (with --seed) before --limit and writing.")
 @click.option("--seed", default=0, show_default=True, help="Seed of --shuffle.")
 @click.option("--skip-invalid", is_flag=True,
-              help="Drop invalid rows (empty problem/answer, unparseable gold answer, duplicate id) instead of failing; "
-                   "prints how many and why.")
+              help="Drop invalid rows (empty problem/answer, a boolean/NaN/infinite answer, unparseable gold answer, "
+                   "invalid UTF-8 or JSON, lone surrogates, nesting deeper than 100 levels, duplicate id) instead "
+                   "of failing; prints how many and why.")
 @click.option("--check-answers/--no-check-answers", default=True, show_default=True,
               help="Check that math-verify can parse every gold answer.")
 @click.option("--check-overlap", default=None, metavar="BENCH,...",

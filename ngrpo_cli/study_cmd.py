@@ -60,10 +60,13 @@ def machine() -> str:
 @click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default=None, envvar="NGRPO_DATA_DIR",
               help="Benchmark files laid out like the shared data folder (as `ngrpo eval --data-dir`).")
 @click.option("--overwrite", is_flag=True, help="Start again when STUDY_DIR holds a study with other settings.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a model whose config names custom code (auto_map) run that code, in every run and evaluation "
+                   "(as `ngrpo train --trust-remote-code`); without it such a model is refused.")
 @_recipe_options
 def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, preset, device, save_steps, reward_file,
           eval_data, eval_every, eval_n, eval_temperature, eval_top_p, eval_max_new_tokens, eval_limit, eval_backend,
-          data_dir, overwrite, **recipe_flags):
+          data_dir, overwrite, trust_remote_code, **recipe_flags):
     """Train every ALGO x SEED alike on DATA, evaluate the base model and every final model alike on
     the --eval benchmarks, and compare them: STUDY_DIR/study.md, study.json and figures.
 
@@ -77,10 +80,14 @@ def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, pres
       ngrpo study -o study --model warm-model --data train.jsonl --eval test.jsonl \\
         --algos ngrpo,grpo,dapo,w_reinforce --seeds 0,1,2 --max-steps 50
     """
+    from pipelines.models import resolve_model
     from pipelines.study import Study, StudyError, StudyPlan, fingerprint_files
     from pipelines.study_report import write_report
 
-    train_args = []
+    # the model's own checks (custom code among them) before the study folder is made
+    resolve_model(model, allow_run_dir=True, log=lambda msg: click.echo(msg, err=True),
+                  trust_remote_code=trust_remote_code)
+    train_args = ["--trust-remote-code"] if trust_remote_code else []
     for flag, value in (("--save-steps", save_steps), ("--reward-file", reward_file),
                         ("--eval-data", eval_data), ("--eval-every", eval_every)):
         if value is not None:
@@ -91,6 +98,8 @@ def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, pres
                   "answer_extraction": recipe.get("answer_extraction", "boxed")}
     if eval_limit:
         evaluation["limit"] = eval_limit
+    if trust_remote_code:
+        evaluation["trust_remote_code"] = True
     if data_dir:
         evaluation["data_dir"] = os.path.abspath(data_dir)
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]

@@ -116,7 +116,11 @@ def _load_yaml_config(path):
 @click.option("--long-prompts", type=click.Choice(["refuse", "drop"]), default=None,
               help="Prompts longer than --max-prompt-len are counted, then: refuse the data, or leave them out (as "
                    "the NGRPO authors' training does).  [default: drop with --preset paper, else refuse]")
-@click.option("--overwrite", is_flag=True, help="Replace a finished run, or one with checkpoints, in --output.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run, or one with checkpoints, in --output; or write "
+                                               "into an --output folder that holds other files.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a model whose config names custom code (auto_map) run that code, in every process of the "
+                   "run (without it such a model is refused, and OpenRLHF and vLLM get trust_remote_code=False).")
 @click.option("--max-dropped-groups", type=click.IntRange(min=1), default=512,
               help="Stop the run when the group filter drops this many groups in a row (the reward never gives "
                    "the groups the filter keeps).")
@@ -129,7 +133,7 @@ def _load_yaml_config(path):
 @click.argument("openrlhf_args", nargs=-1, type=click.UNPROCESSED)
 def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, device, max_steps, save_steps,
           keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, overwrite,
-          max_dropped_groups, gpu_memory, nodes, gpus_per_node,
+          trust_remote_code, max_dropped_groups, gpu_memory, nodes, gpus_per_node,
           vllm_engines, vllm_tp, colocate, dry_run, verbose, openrlhf_args, **recipe_flags):
     """Train MODEL on DATA with NGRPO or a baseline, through OpenRLHF.
 
@@ -146,11 +150,13 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
             raise click.UsageError(f"{name} is required (or use --resume RUN_DIR)")
     from pipelines import early_ray
 
+    if run_dir is not None and not dry_run:
+        _check_output_folder(Path(run_dir).resolve(), overwrite)
     try:
         plan = _preflight(model, algo, data_path, run_dir, config_path, preset, device, max_steps, save_steps,
                           keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, nodes,
                           gpus_per_node, vllm_engines, vllm_tp, colocate, openrlhf_args, recipe_flags,
-                          start_ray=not dry_run)
+                          start_ray=not dry_run, trust_remote_code=trust_remote_code)
         plan["patch_config"] = dataclasses.replace(plan["patch_config"],
                                                    max_consecutive_dropped_groups=max_dropped_groups)
         if plan["device"] == "cuda":
@@ -168,7 +174,7 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
 
 def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max_steps, save_steps, keep_checkpoints,
                limit, reward_file, eval_data, data_dir, eval_every, long_prompts, nodes, gpus_per_node, vllm_engines,
-               vllm_tp, colocate, openrlhf_args, recipe_flags, start_ray=False) -> dict:
+               vllm_tp, colocate, openrlhf_args, recipe_flags, start_ray=False, trust_remote_code=False) -> dict:
     """Every check that can fail before the run starts; a failure is one line naming what to fix.
     With START_RAY a CPU run's Ray node starts in the background once the model, the data and the
     settings are found, before the checks that import the stack (tokenizer, OpenRLHF's parser)."""
@@ -193,7 +199,8 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
     eval_every = None if not eval_data or eval_every == 0 else (eval_every or PAPER_VALIDATION_EVERY)
     try:
         recipe = build_recipe(algo, preset, settings)
-        resolved = resolve_model(model, allow_run_dir=True, log=lambda msg: click.echo(msg, err=True))
+        resolved = resolve_model(model, allow_run_dir=True, log=lambda msg: click.echo(msg, err=True),
+                                 trust_remote_code=trust_remote_code)
         problems = load_problems(data_path)[:limit] if limit else load_problems(data_path)
         eval_problems = _validation_problems(eval_data, data_dir) if eval_every else None
     except (RecipeError, ModelError, DataError) as err:
@@ -215,10 +222,11 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
                                "leave it out to train with sdpa attention and padded micro-batches")
     if start_ray:
         training.start_ray_early(argv, device)  # the checks below import the stack (seconds) meanwhile
-    problems = _check_prompt_lengths(problems, resolved.path, recipe.max_prompt_len, long_prompts, data_path)
+    problems = _check_prompt_lengths(problems, resolved.path, recipe.max_prompt_len, long_prompts, data_path,
+                                     trust_remote_code)
     if eval_problems:
         eval_problems = _check_prompt_lengths(eval_problems, resolved.path, recipe.max_prompt_len, long_prompts,
-                                              f"validation sets {eval_data}")
+                                              f"validation sets {eval_data}", trust_remote_code)
     try:
         args = training.parse_with_openrlhf(training.materialise_argv(argv, run_path))
     except (SystemExit, AssertionError) as err:
@@ -227,8 +235,9 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
             "openrlhf_args": args,
             "layout": layout, "argv": argv, "run_path": run_path, "problems": problems, "eval_problems": eval_problems,
             "data_path": data_path, "eval_data": eval_data, "eval_every": eval_every, "max_steps": max_steps,
+            "trust_remote_code": trust_remote_code,
             "patch_config": training.build_patch_config(recipe, device=device, max_steps=max_steps,
-                                                        reward_file=reward_file)}
+                                                        reward_file=reward_file, trust_remote_code=trust_remote_code)}
 
 
 def _validation_problems(specs: str, data_dir) -> list:
@@ -261,21 +270,22 @@ def _check_gpu_memory(plan, gpu_gib, dry_run):
                 raise
             gpu_gib = 80.0
             click.echo("no GPU here: the memory check assumes 80 GiB GPUs (--gpu-memory to choose)", err=True)
-    shape = gpu_memory.ModelShape.from_config(AutoConfig.from_pretrained(plan["resolved"].path).to_dict())
+    shape = gpu_memory.ModelShape.from_config(AutoConfig.from_pretrained(
+        plan["resolved"].path, trust_remote_code=plan.get("trust_remote_code", False)).to_dict())
     report = gpu_memory.check_fit(shape, gpu_memory.setup_from_openrlhf_args(plan["openrlhf_args"]), gpu_gib)
     if not report.fits:
         raise click.ClickException(report.message)
     click.echo(report.message, err=True)
 
 
-def _check_prompt_lengths(problems, model_path, max_prompt_len, long_prompts, data_path):
+def _check_prompt_lengths(problems, model_path, max_prompt_len, long_prompts, data_path, trust_remote_code=False):
     """Prompts longer than the budget are counted first, then refused or dropped; OpenRLHF would
     cut them silently."""
     from transformers import AutoTokenizer
 
     from pipelines.prompts import build_prompt
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     lengths = [len(ids) for ids in tokenizer([build_prompt(p["problem"]) for p in problems],
                                               add_special_tokens=False)["input_ids"]]
     long = [(n, p["id"]) for n, p in zip(lengths, problems) if n > max_prompt_len]
@@ -316,6 +326,7 @@ def _launch(plan, overwrite, verbose):
             "eval_every": plan["eval_every"], "recipe": dataclasses.asdict(recipe),
             "layout": dataclasses.asdict(plan["layout"]), "max_steps": plan["max_steps"],
             "openrlhf_argv": plan["argv"], "patch_config": dataclasses.asdict(plan["patch_config"]),
+            "trust_remote_code": plan["trust_remote_code"],
         }
         rundir.write_manifest(run_path, manifest)
         click.echo(f"run directory: {run_path}", err=True)
@@ -337,6 +348,43 @@ def _say_finished(run_path: Path, manifest: dict) -> None:
                    f"({manifest['num_problems']} problems x --episodes {manifest['recipe']['episodes']}, "
                    f"{manifest['recipe']['prompts_per_step']} prompts per step plus the refills of dropped groups); "
                    "give more problems or a larger --episodes", err=True)
+
+
+def _check_output_folder(run_path: Path, overwrite: bool) -> None:
+    """--output must be a new or empty folder, or an earlier ngrpo run (_clear_earlier_run decides
+    about that one): a folder of other files is refused, naming them, unless --overwrite (the run's
+    files, data/train.jsonl among them, would replace the user's)."""
+    from pipelines import rundir
+
+    if run_path.exists() and not run_path.is_dir():
+        raise click.ClickException(f"--output {run_path} is a file, not a folder")
+    if not run_path.is_dir() or rundir.is_run_dir(run_path) or overwrite:
+        return
+    held = _files_in(run_path, skip=(rundir.LOCK,))
+    if held:
+        raise click.ClickException(
+            f"--output {run_path} is not an ngrpo run directory and holds {_names(held)}: choose an empty or new "
+            "folder, or pass --overwrite to write the run into it")
+
+
+def _files_in(folder: Path, skip=(), limit: int = 7) -> list:
+    """Up to LIMIT files under FOLDER (relative paths, sorted walk), empty folders not counted."""
+    import os
+
+    found = []
+    for top, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            rel = Path(top, name).relative_to(folder)
+            if str(rel) not in skip:
+                found.append(str(rel))
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def _names(names, n=6) -> str:
+    return ", ".join(names[:n]) + (" and more" if len(names) > n else "")
 
 
 def _clear_earlier_run(run_path: Path, overwrite: bool, status: str) -> None:

@@ -27,10 +27,13 @@ from pipelines.warmup import DEFAULT_RECIPE as R
 @click.option("--eval-samples", type=click.IntRange(min=0), default=0,
               help="With --eval: also the mean accuracy of this many samples per problem at temperature 1.")
 @click.option("--overwrite", is_flag=True, help="Write into OUT_DIR even if it already holds a model.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a model whose config names custom code (auto_map) run that code; without it such a model "
+                   "is refused, and OpenRLHF gets trust_remote_code=False.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show OpenRLHF's output live (it always goes to OUT_DIR_warmup_work/train_sft.log).")
 def warmup(model_dir, out_dir, n_problems, epochs, lr, seed, mix, batch_size, max_len, device, eval_problems,
-           eval_samples, overwrite, verbose):
+           eval_samples, overwrite, trust_remote_code, verbose):
     """Warm MODEL up on arithmetic with OpenRLHF's SFT trainer; write the model to OUT_DIR.
 
     MODEL is a model folder, a GGUF file, a built-in model or a Hub id. The SFT set uses the RL
@@ -49,10 +52,12 @@ def warmup(model_dir, out_dir, n_problems, epochs, lr, seed, mix, batch_size, ma
     if batch_size % micro:
         raise click.ClickException(f"--batch-size must be a multiple of {micro} or at most {micro}")
     try:
-        model_dir = resolve_model(model_dir, allow_run_dir=True, log=lambda msg: click.echo(msg, err=True)).path
+        model_dir = resolve_model(model_dir, allow_run_dir=True, log=lambda msg: click.echo(msg, err=True),
+                                  trust_remote_code=trust_remote_code).path
         path = warmup_sft(model_dir, out, n_problems=n_problems, epochs=epochs, lr=lr, max_len=max_len, seed=seed,
                           mix=mix, batch_size=batch_size, micro_batch_size=micro,
-                          device=None if device == "auto" else device, verbose=verbose)
+                          device=None if device == "auto" else device, verbose=verbose,
+                          trust_remote_code=trust_remote_code)
     except (RuntimeError, ValueError, ModelError) as err:
         raise click.ClickException(str(err))
     summary = json.loads((path / "warmup.json").read_text())
@@ -61,7 +66,7 @@ def warmup(model_dir, out_dir, n_problems, epochs, lr, seed, mix, batch_size, ma
     click.echo(f"warmed-up model written to {path} ({len(losses)} steps, {summary['wall_time_s']:.0f} s{loss_text})")
     if eval_problems:
         result = evaluate(path, path.parent / f"{path.name}_warmup_work" / "eval", n_problems=eval_problems,
-                          samples=eval_samples, seed=seed, mix=mix)
+                          samples=eval_samples, seed=seed, mix=mix, trust_remote_code=trust_remote_code)
         line = f"test-split accuracy on {eval_problems} problems: greedy {result['greedy_accuracy']:.1%}"
         if eval_samples:
             line += f", sampled (T=1, {eval_samples}/problem) {result['sampled_accuracy']:.1%}"

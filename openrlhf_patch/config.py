@@ -43,6 +43,9 @@ class PatchConfig:
     # The same rollouts in every launch: one vLLM seed per sample, groups in dispatch order
     # (reproducible_rollouts.py).
     reproducible_rollouts: bool = False
+    # Let the model's own code run (`--trust-remote-code`): what OpenRLHF and vLLM get as
+    # trust_remote_code in every process of the run (openrlhf_patch/remote_code.py).
+    trust_remote_code: bool = False
 
     @property
     def max_reward(self) -> float:

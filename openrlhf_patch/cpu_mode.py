@@ -303,7 +303,7 @@ def use_vllm_scratch_dir() -> None:
 KV_CACHE_FALLBACK_BYTES = 1 << 30
 
 
-def kv_cache_bytes(model: str, dtype: str, max_model_len: int, sequences: int, trust_remote_code=True) -> int:
+def kv_cache_bytes(model: str, dtype: str, max_model_len: int, sequences: int, trust_remote_code=False) -> int:
     """A KV cache that holds every sequence of a rollout at full length (plus a block each). vLLM
     on CPU would otherwise take VLLM_CPU_KVCACHE_SPACE GiB and fill it with zeros: on the tiny
     model 1 GiB of a 4.1 GB process tree, for a rollout that needs 2 MB."""
@@ -345,7 +345,7 @@ def _patch_vllm(vllm) -> None:
         if kwargs.get("kv_cache_memory_bytes") is None and kwargs.get("max_model_len"):
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(
                 kwargs["model"], kwargs.get("dtype", "bfloat16"), kwargs["max_model_len"],
-                int(os.environ.get(ROLLOUT_SEQUENCES_ENV) or 256), kwargs.get("trust_remote_code", True))
+                int(os.environ.get(ROLLOUT_SEQUENCES_ENV) or 256), kwargs.get("trust_remote_code", False))
         # vLLM's statistics (Prometheus histograms fed at every output, scheduler stats at every
         # step) serve its API server, and nothing in a run reads them (tiny model: generation
         # 0.112 -> 0.103 s a step, 4 pairs).

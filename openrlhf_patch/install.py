@@ -67,6 +67,9 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
     if config.device == "cpu":
         cpu_mode.apply_cpu_patches()
     upstream.patch_on_import(HOOK_PATCHES)
+    from openrlhf_patch import remote_code
+
+    remote_code.install(config.trust_remote_code)  # OpenRLHF hard-codes trust_remote_code=True
     if config.reproducible_rollouts:  # after HOOK_PATCHES: it wraps whichever generation loop runs
         from openrlhf_patch import reproducible_rollouts
 
@@ -75,7 +78,8 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
     _state["applied"] = config
     print(
         f"[ngrpo] patch active in {role} pid {os.getpid()}{_node()}: estimator={config.estimator or 'openrlhf'} "
-        f"options={config.estimator_options} group_filter={config.group_filter} device={config.device}",
+        f"options={config.estimator_options} group_filter={config.group_filter} device={config.device} "
+        f"trust_remote_code={config.trust_remote_code}",
         file=sys.stderr,
         flush=True,
     )

@@ -71,6 +71,15 @@ SYMBOLS = (
     Symbol("openrlhf.trainer.ray.launcher", "RayActorGroup._initiate_actors", "wrapped"),
     Symbol("openrlhf.trainer.ppo_trainer", "PPOTrainer", "replaced"),
     Symbol("openrlhf.trainer.ray.vllm_worker_wrap", "WorkerWrap", "replaced"),  # by name: cpu_mode.py
+    # openrlhf_patch/remote_code.py: trust_remote_code as the run decided it, not upstream's True
+    Symbol("openrlhf.utils.utils", "AutoTokenizer", "wrapped"),
+    Symbol("openrlhf.utils.utils", "is_vlm_model", "replaced"),
+    Symbol("openrlhf.utils.utils", "get_tokenizer", "called"),
+    Symbol("openrlhf.models.actor", "AutoModelForCausalLM", "wrapped"),
+    Symbol("openrlhf.models.actor", "AutoModelForImageTextToText", "wrapped"),
+    Symbol("openrlhf.models.model", "AutoConfig", "wrapped"),
+    Symbol("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", "wrapped"),
+    Symbol("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "called"),
     # pipelines/training.py and pipelines/warmup.py
     Symbol("openrlhf.cli.train_ppo_ray", "train", "run"),
     Symbol("openrlhf.utils.config", "hierarchize", "wrapped"),
@@ -123,6 +132,9 @@ COPIES = (
     Copy("openrlhf.trainer.ray.launcher", "RayActorGroup._initiate_actors",
          "openrlhf_patch/cpu_layout.py: _patch_actor_groups (how rank 0 of the policy is built)",
          "f312a900f770a5da334a7c80d30d04efa79f0e1bbb1ebd60afa44da8de4c2328"),
+    Copy("openrlhf.utils.utils", "is_vlm_model",
+         "openrlhf_patch/remote_code.py: make_is_vlm_model",
+         "40700cf9728470079810692d548b0d966901a702743582f1bc9a2a7f2ebd01c3"),
 )
 
 

@@ -38,16 +38,25 @@ Row layouts
   verl ``target`` is kept in ``metadata["target"]``: verl's targets are normalised strings that are
   lossy for math-verify (matrix rows ``\\\\`` collapsed to ``\\``, ``\\text{}`` removed, ...).
 
-Validation: a missing/empty problem or answer, a gold answer math-verify cannot parse into a math
-object, or a duplicate id is an error naming the file, the 1-based row (line for JSONL) and the
-field; nothing is written unless ``skip_invalid``.
+Validation: the row rules are one function, :func:`check_row`, which `ngrpo train` applies too
+(:func:`load_problems`). A row is refused when it nests deeper than ``MAX_NESTING`` levels or
+holds a lone surrogate (``"\\ud800"`` is valid JSON but no Unicode); when its problem is missing,
+empty or not a string; when its answer is missing or empty, a boolean, NaN, an infinity or an
+object/list (a JSON number is an answer as written in the file: ``42`` -> "42", ``1.50`` ->
+"1.50"); when math-verify cannot parse the gold answer; or when its id repeats another. Each is an
+error of one line naming the file, the 1-based row (line for JSONL), the field and why; nothing is
+written unless ``skip_invalid``. A file that is not valid UTF-8 JSON is refused the same way (per
+line for JSONL), and a path that is not a regular file (a FIFO, a device, a directory with a data
+file suffix) is refused before it is opened.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
+import stat
 import sys
 import unicodedata
 from dataclasses import dataclass, field
@@ -137,36 +146,143 @@ def _to_python(value):
     return value
 
 
+MAX_NESTING = 100  # a row nested deeper than this (objects and lists) is refused
+
+
+class _JsonFloat(float):
+    """A JSON number with a fraction or exponent that keeps its text, so that an answer written
+    as 1.50 stays "1.50" (a float would print 1.5)."""
+
+    __slots__ = ("text",)
+
+    def __new__(cls, text):
+        obj = super().__new__(cls, text)
+        obj.text = text
+        return obj
+
+    def __reduce__(self):
+        return _JsonFloat, (self.text,)
+
+
+class _TooDeep(ValueError):
+    pass
+
+
+def _json_loads(text: str):
+    """json.loads of user data; a value nested too deeply for the parser is a ValueError too."""
+    try:
+        return json.loads(text, parse_float=_JsonFloat)
+    except RecursionError:
+        raise _TooDeep(f"nested deeper than {MAX_NESTING} levels") from None
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> Optional[str]:
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_user_file(path) -> bytes:
+    """The bytes of a user's data file. Anything but a regular file (a FIFO would block forever, a
+    device never end) is refused before it is opened, and again after (it may have been swapped)."""
+    path = Path(path)
+    try:
+        kind = _not_regular(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+    if kind:
+        raise DataError(f"{path}: not a regular file ({kind}); give a data file")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            kind = _not_regular(os.fstat(f.fileno()).st_mode)
+            if kind:
+                raise DataError(f"{path}: not a regular file ({kind}); give a data file")
+            return f.read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
+def _utf8_error(err: UnicodeDecodeError, data: bytes) -> str:
+    line = data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return f"invalid UTF-8 (byte 0x{data[err.start]:02x} at line {line} column {column})"
+
+
+def _iter_jsonl_bytes(data: bytes):
+    """(line number, value or BadLine) for each non-blank line of a user's JSON-lines file; each
+    line that is not UTF-8 JSON (or nests too deeply) becomes a BadLine saying why. As
+    rundir.iter_jsonl, a last line without its newline counts when it parses, else it is torn."""
+    from pipelines.rundir import BadLine
+
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+            raw = raw[3:]
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield number, BadLine(f"invalid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+            continue
+        try:
+            yield number, _json_loads(text)
+        except _TooDeep as err:
+            yield number, BadLine(str(err))
+        except ValueError as err:
+            torn = number == len(lines)
+            why = "line cut off (no newline after it)" if torn else f"invalid JSON ({getattr(err, 'msg', err)})"
+            yield number, BadLine(why, torn=torn)
+
+
 def _read_jsonl(path: Path):
     """(line number, row or rundir.BadLine) of a user's JSON-lines file; every bad line, a torn
-    last one too, becomes an error naming its line."""
-    from pipelines.rundir import iter_jsonl
-
-    return iter_jsonl(path)
+    last one too, becomes an error naming its line. The file itself is read at once."""
+    return _iter_jsonl_bytes(read_user_file(path))
 
 
 def _read_json(path: Path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            if err.msg == "Extra data":  # one JSON value per line (JSON lines) in a .json file
-                return [(n, row) for n, row in _read_jsonl(path)]
-            raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
-    if isinstance(data, dict):
+    data = read_user_file(path)
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: {_utf8_error(err, data)}") from None
+    try:
+        value = _json_loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one JSON value per line (JSON lines) in a .json file
+            return list(_iter_jsonl_bytes(data))
+        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    except ValueError as err:
+        raise DataError(f"{path}: {err}") from None
+    if isinstance(value, dict):
         for key in ("data", "rows", "problems", "examples", "test", "train"):
-            if isinstance(data.get(key), list):
-                data = data[key]
+            if isinstance(value.get(key), list):
+                value = value[key]
                 break
-    if not isinstance(data, list):
+    if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON list of objects (or JSONL)")
-    return list(enumerate(data, 1))
+    return list(enumerate(value, 1))
 
 
 def _read_parquet(path: Path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    data = read_user_file(path)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(err).split())})") from None
     return [(n, _to_python(row)) for n, row in enumerate(table.to_pylist(), 1)]
 
 
@@ -184,9 +300,9 @@ def read_file_source(path, name: Optional[str] = None) -> RawSource:
     suffix = path.suffix.lower()
     name = name or _source_name_for_file(path)
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            total = sum(1 for line in f if line.strip())
-        return RawSource(name, str(path), "line", _read_jsonl(path), total)
+        data = read_user_file(path)
+        total = sum(1 for line in data.split(b"\n") if line.strip())
+        return RawSource(name, str(path), "line", _iter_jsonl_bytes(data), total)
     if suffix == ".json":
         rows = _read_json(path)
         # a .json file can also hold JSON lines
@@ -288,6 +404,8 @@ def open_source(spec: str, data_dir=None) -> RawSource:
         return RawSource(spec, label, "row", rows, len(rows))
     path = Path(spec).expanduser()
     base, _, split = spec.partition("@")
+    if path.suffix.lower() in FILE_SUFFIXES and path.is_dir():  # data.jsonl/ is no dataset folder
+        return read_file_source(path)
     if Path(base).expanduser().is_dir():
         # a local dataset folder, read the way a Hub dataset is: datasets.load_dataset(DIR, split=...)
         label, rows = load_hub_rows(str(Path(base).expanduser()), None, split or None)
@@ -357,9 +475,11 @@ def _plain_fields(row: dict):
             problem, problem_field = row[key], key
             if not _is_empty(problem):
                 break
-    answer, answer_field = None, "answer"
+    answer, answer_field, nested = None, "answer", None
     for key in ANSWER_KEYS:
-        if key in row and not isinstance(row[key], (dict, list)):
+        if key in row and isinstance(row[key], (dict, list)):
+            nested = nested or key  # refused below unless another key (or solution) has the answer
+        elif key in row:
             answer, answer_field = row[key], key
             if not _is_empty(answer):
                 break
@@ -367,8 +487,10 @@ def _plain_fields(row: dict):
         boxed = extract_boxed(row["solution"])
         if boxed is not None:
             answer, answer_field = boxed, "solution"
-        elif answer is None:
+        elif answer is None and nested is None:
             answer_field = "answer (or a \\boxed{} answer in solution)"
+    if answer is None and nested is not None:
+        answer, answer_field = row[nested], nested
     return problem, problem_field, answer, answer_field
 
 
@@ -394,24 +516,130 @@ def _row_id_and_metadata(row: dict, meta: dict):
     return None if _is_empty(raw_id) else raw_id, meta
 
 
-def normalise_row(row: dict, source_name: str, extra_meta: Optional[dict] = None):
-    """-> (record, field_of_error, message). record is None on error."""
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _field_name(path) -> str:
+    """a.b[0].c, printable whatever the keys hold."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            part = str(part).encode("utf-8", "backslashreplace").decode("utf-8")
+            out += f".{part}" if out else part
+    return out or "row"
+
+
+def _unusable_values(row) -> Optional[tuple]:
+    """(field, why) for the first value of ROW that no command can use: nesting deeper than
+    MAX_NESTING, or a string (or key) holding a lone surrogate, which is no Unicode character
+    (JSON can write one, as \\ud800, but UTF-8 cannot). None when all are usable."""
+    stack = [(row, (), 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    return _field_name(path), (f"holds a lone surrogate (\\u{ord(value[err.start]):04x} at "
+                                               f"character {err.start + 1}), which is not valid Unicode")
+            continue
+        if isinstance(value, (dict, list)):
+            if depth > MAX_NESTING:
+                return _field_name(path[:1]), f"nested deeper than {MAX_NESTING} levels"
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in reversed(list(items)):
+                if isinstance(key, str) and not key.isascii():
+                    try:
+                        key.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return _field_name(path + (key,)), "the key holds a lone surrogate, which is not valid Unicode"
+                stack.append((item, path + (key,), depth + 1))
+    return None
+
+
+def answer_text(value) -> tuple:
+    """A gold answer as text -> (text, None), or (None, why it is unusable). Strings are cleaned
+    as graded (grading.clean_answer); an integer or a finite number is taken as written in the file
+    (42 -> "42", 1.50 -> "1.50"); a boolean, NaN or an infinity is no answer."""
     from pipelines.grading import clean_answer
 
+    if isinstance(value, bool):
+        return None, f"{str(value).lower()} (a JSON boolean) is not an answer; write the answer as a string"
+    if isinstance(value, int):
+        return str(value), None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None, "NaN is not an answer; write the answer as a string"
+        if math.isinf(value):
+            text = getattr(value, "text", None) or ("Infinity" if value > 0 else "-Infinity")  # JSON's spelling
+            return None, f"{text} is not a finite number; write the answer as a string"
+        return getattr(value, "text", None) or repr(value), None
+    if value is not None and not isinstance(value, str):
+        return None, f"expected a string or a number, got {_json_type(value)}"
+    text = clean_answer(value) if value is not None else ""
+    if not text:
+        return None, "missing or empty answer"
+    return text, None
+
+
+def check_row(row, problem, problem_field: str, answer, answer_field: str) -> tuple:
+    """The row rules of `ngrpo prepare-data` and `ngrpo train` alike: (problem, answer, None, None)
+    for a usable row, else (None, None, field, why). A usable row nests at most MAX_NESTING levels,
+    holds only valid Unicode, has a non-empty problem string and an answer by `answer_text` (that
+    math-verify can parse it is checked after, for all rows at once: `unparseable_answers`)."""
+    bad = _unusable_values(row)
+    if bad:
+        return None, None, bad[0], bad[1]
+    if _is_empty(problem):
+        return None, None, problem_field, "missing or empty problem"
+    if not isinstance(problem, str):
+        return None, None, problem_field, f"expected a string, got {_json_type(problem)}"
+    answer, why = answer_text(answer)
+    if why:
+        return None, None, answer_field, why
+    return problem.strip(), answer, None, None
+
+
+def unparseable_answers(answers, progress: Optional[bool] = None) -> dict:
+    """{answer: why} for the gold answers among ANSWERS that math-verify cannot parse into a math
+    object (grading.gold_answers_parse, as the reward parses them), or times out parsing."""
+    from pipelines.grading import gold_answers_parse
+
+    unique = sorted(set(answers))
+    show = progress if progress is not None else len(unique) >= 500
+    bad, chunk = {}, 256
+    bar = _progress(range(0, len(unique), chunk), (len(unique) + chunk - 1) // chunk,
+                    f"checking {len(unique)} answers with math-verify", show)
+    for start in bar:
+        part = unique[start:start + chunk]
+        for answer, ok in zip(part, gold_answers_parse(part)):
+            if not ok:
+                why = "math-verify timed out parsing" if ok is None else "math-verify cannot parse"
+                bad[answer] = f"{why} the gold answer {answer!r}"
+    return bad
+
+
+def normalise_row(row: dict, source_name: str, extra_meta: Optional[dict] = None):
+    """-> (record, field_of_error, message). record is None on error."""
     if not isinstance(row, dict):
-        return None, "row", f"expected an object, got {type(row).__name__}"
+        return None, "row", f"expected an object, got {_json_type(row)}"
     meta = dict(extra_meta or {})
     rm = row.get("reward_model")
     verl = (isinstance(rm, dict) and isinstance(rm.get("ground_truth"), dict)) or \
         ("prompt" in row and not isinstance(row["prompt"], str))
     problem, problem_field, answer, answer_field = _verl_fields(row, meta) if verl else _plain_fields(row)
-    if _is_empty(problem) or not isinstance(problem, str):
-        return None, problem_field, "missing or empty problem"
-    answer = clean_answer(str(answer)) if answer is not None else None
-    if _is_empty(answer):
-        return None, answer_field, "missing or empty answer"
+    problem, answer, bad_field, why = check_row(row, problem, problem_field, answer, answer_field)
+    if why:
+        return None, bad_field, why
     raw_id, meta = _row_id_and_metadata(row, meta)
-    record = {"id": None if raw_id is None else f"{source_name}/{raw_id}", "problem": problem.strip(),
+    record = {"id": None if raw_id is None else f"{source_name}/{raw_id}", "problem": problem,
               "answer": answer, "source": source_name, "metadata": meta}
     return record, answer_field, None
 
@@ -470,22 +698,10 @@ def collect(sources, data_dir=None, check_answers: bool = True, progress: Option
             seen[rec["id"]] = (src.label, src.unit, number)
     # gold answers math-verify cannot parse
     if check_answers:
-        from pipelines.grading import gold_answers_parse
-
-        unique = sorted({rec["answer"] for rec, *_ in located})
-        show = progress if progress is not None else len(unique) >= 500
-        verdict = {}
-        chunk = 256
-        bar = _progress(range(0, len(unique), chunk), (len(unique) + chunk - 1) // chunk,
-                        f"checking {len(unique)} answers with math-verify", show)
-        for start in bar:
-            part = unique[start:start + chunk]
-            verdict.update(zip(part, gold_answers_parse(part)))
+        bad = unparseable_answers([rec["answer"] for rec, *_ in located], progress)
         for rec, src, number, fld in located:
-            ok = verdict[rec["answer"]]
-            if not ok:
-                why = "math-verify timed out parsing" if ok is None else "math-verify cannot parse"
-                issues.append(Issue(src.label, src.unit, number, fld, f"{why} the gold answer {rec['answer']!r}"))
+            if rec["answer"] in bad:
+                issues.append(Issue(src.label, src.unit, number, fld, bad[rec["answer"]]))
                 rec["_bad"] = True
     for rec, src, number, fld in located:
         if not rec.pop("_bad", False):
@@ -534,41 +750,59 @@ def write_jsonl_atomic(records, out_path) -> Path:
     return out_path
 
 
-def load_problems(path) -> list:
+def load_problems(path, check_answers: bool = True) -> list:
     """Read a normalised JSONL (from `ngrpo prepare-data`): [{id, problem, answer, source, metadata}].
 
-    Raises DataError naming file, line and field for a malformed row or a duplicate id.
+    The rows follow the rules of `ngrpo prepare-data` (`check_row`; with CHECK_ANSWERS math-verify
+    must parse every gold answer). Raises DataError, one line naming file, line, field and why,
+    for the first bad row, a duplicate id, or a file that is not a readable regular file.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
     if path.suffix.lower() != ".jsonl":
         raise DataError(f"{path}: expected the .jsonl written by `ngrpo prepare-data` "
                         f"(convert other files with `ngrpo prepare-data {path} -o problems.jsonl`)")
-    out, seen = [], {}
+
+    def fail(n, fld, why):
+        raise DataError(str(Issue(str(path), "line", n, fld, why)))
+
+    out, seen, lines = [], {}, []
     for n, row in _read_jsonl(path):
         if isinstance(row, Exception):
-            raise DataError(f"{path}: line {n}: {row}")
+            fail(n, "json", str(row))
         if not isinstance(row, dict):
-            raise DataError(f"{path}: line {n}: expected a JSON object")
-        for key in ("id", "problem", "answer"):
-            value = row.get(key)
-            if key == "id" and isinstance(value, int) and not isinstance(value, bool):
-                value = row["id"] = str(value)
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{path}: line {n}: field '{key}': missing or empty")
-        if row["id"] in seen:
-            raise DataError(f"{path}: line {n}: field 'id': duplicate id {row['id']!r} (first at line {seen[row['id']]})")
-        seen[row["id"]] = n
+            fail(n, "row", f"expected an object, got {_json_type(row)}")
+        problem, answer, fld, why = check_row(row, row.get("problem"), "problem", row.get("answer"), "answer")
+        if why:
+            fail(n, fld, why)
+        rid = row.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool):
+            rid = str(rid)
+        if not isinstance(rid, str) or not rid.strip():
+            fail(n, "id", "missing or empty" if _is_empty(rid) else f"expected a string, got {_json_type(rid)}")
+        if rid in seen:
+            fail(n, "id", f"duplicate id {rid!r} (first at line {seen[rid]})")
+        seen[rid] = n
         meta = row.get("metadata", {})
         if meta is None:
             meta = {}
         if not isinstance(meta, dict):
-            raise DataError(f"{path}: line {n}: field 'metadata': expected an object")
-        out.append({"id": row["id"], "problem": row["problem"], "answer": row["answer"],
-                    "source": row.get("source") or path.stem, "metadata": meta})
+            fail(n, "metadata", "expected an object")
+        source = row.get("source")
+        out.append({"id": rid, "problem": problem, "answer": answer,
+                    "source": source if isinstance(source, str) and source else path.stem, "metadata": meta})
+        lines.append(n)
     if not out:
         raise DataError(f"{path}: no problems")
+    if check_answers:
+        from pipelines import grading
+
+        had_pool = grading._own_pool() is not None
+        bad = unparseable_answers([rec["answer"] for rec in out], progress=False)
+        if not had_pool:  # leave no idle grader processes behind (train holds on for hours)
+            grading.shutdown()
+        for rec, n in zip(out, lines):
+            if rec["answer"] in bad:
+                fail(n, "answer", bad[rec["answer"]])
     return out
 
 
@@ -577,7 +811,7 @@ def load_benchmark(spec: str, data_dir=None, check_answers: bool = False) -> tup
     p = Path(spec).expanduser()
     if spec not in BENCHMARKS and p.suffix.lower() == ".jsonl" and p.exists():
         try:
-            return _source_name_for_file(p), load_problems(p)
+            return _source_name_for_file(p), load_problems(p, check_answers=check_answers)
         except DataError:
             pass  # not normalised: fall through to the generic reader
     records, issues = collect([spec], data_dir=data_dir, check_answers=check_answers, progress=False)

@@ -214,12 +214,13 @@ def summary_markdown(summary: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Model resolution
 # --------------------------------------------------------------------------------------------
-def resolve_model(spec: str):
-    """(model path or Hub id, run dir or None); see pipelines.models.resolve_model."""
+def resolve_model(spec: str, trust_remote_code: bool = False):
+    """(model path or Hub id, run dir or None); see pipelines.models.resolve_model (a model that
+    names custom code is refused without TRUST_REMOTE_CODE)."""
     from pipelines.models import ModelError, resolve_model as resolve
 
     try:
-        resolved = resolve(spec, log=lambda msg: print(msg, file=sys.stderr))
+        resolved = resolve(spec, log=lambda msg: print(msg, file=sys.stderr), trust_remote_code=trust_remote_code)
     except ModelError as err:
         raise EvalError(str(err)) from None
     return resolved.path, resolved.run_dir
@@ -434,6 +435,33 @@ def _check_earlier_settings(out_dir: Path, settings: EvalSettings, backend: str,
                                     "dtype": dtype, "model_spec": model_spec}, indent=2))
 
 
+EVAL_FILES = (CONFIG_FILE, SAMPLES_FILE, SUMMARY_JSON, SUMMARY_MD)
+
+
+def foreign_files(out_dir: Path) -> list:
+    """What OUT_DIR holds that `ngrpo eval` did not write: everything, when it has no
+    eval_config.json (eval writes it first); else every name but eval's own files."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    ours = (out_dir / CONFIG_FILE).is_file()
+    return sorted(child.name + ("/" if child.is_dir() else "") for child in out_dir.iterdir()
+                  if not (ours and (child.name in EVAL_FILES or child.name.startswith(f".{SAMPLES_FILE}.tmp-"))))
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """An OUT_DIR holding files eval did not write is refused, naming them, unless --overwrite (eval
+    would replace a summary.md, samples.jsonl, ... of the user's); eval's own earlier output is
+    resumed."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise EvalError(f"-o {out_dir} is a file, not a folder")
+    held = [] if overwrite else foreign_files(out_dir)
+    if held:
+        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise EvalError(f"{out_dir} holds files `ngrpo eval` did not write ({shown}): choose another -o OUT_DIR, "
+                        f"or pass --overwrite to write into it ({', '.join(EVAL_FILES)} there are replaced)")
+
+
 def _make_backend(backend, model_path, *, dtype, longest_prompt, max_new_tokens, max_model_len, seed, batch_size,
                   tensor_parallel_size, gpu_memory_utilization, trust_remote_code, log, vllm_compile, n_requests):
     t0 = time.time()
@@ -470,11 +498,14 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
         raise EvalError("--n must be >= 1")
     if temperature < 0:
         raise EvalError("--temperature must be >= 0")
-    model_path, run_dir = resolve_model(model)
+    if out_dir is not None:
+        check_out_dir(Path(out_dir), overwrite)  # before the model is resolved (a GGUF is converted)
+    model_path, run_dir = resolve_model(model, trust_remote_code)
     if out_dir is None:
         if run_dir is None:
             raise EvalError("pass -o OUT_DIR (only a run directory has a default, RUN_DIR/eval)")
         out_dir = run_dir / "eval"
+        check_out_dir(out_dir, overwrite)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = _load_benchmarks(benchmarks, data_dir or default_data_dir(), limit)

@@ -453,22 +453,22 @@ def config_dtype_name(config) -> str:
     return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(dtype, "float32")
 
 
-def _load_config(name: str):
+def _load_config(name: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise ExportError(f"cannot read the model config of {name}: {_first_line(str(err))}")
 
 
-def _load_tokenizer(names: List[str]):
+def _load_tokenizer(names: List[str], trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     errors = []
     for name in names:
         try:
-            return AutoTokenizer.from_pretrained(name), name
+            return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code), name
         except Exception as err:
             errors.append(f"{name}: {_first_line(str(err))}")
     raise ExportError("no tokenizer could be loaded (" + "; ".join(errors) + ")")
@@ -486,7 +486,7 @@ def _generation_config(name: str, config):
 # ---------------------------------------------------------------------------------------------
 # Building the model
 # ---------------------------------------------------------------------------------------------
-def _model_from_state_dict(config, state_dict: dict, dtype) -> (object, str):
+def _model_from_state_dict(config, state_dict: dict, dtype, trust_remote_code: bool = False) -> (object, str):
     """An HF model (built from CONFIG on the meta device) holding STATE_DICT's weights cast to DTYPE.
 
     STATE_DICT's values are tensors or zero_to_fp32's lazy GatheredTensors (anything with
@@ -496,7 +496,7 @@ def _model_from_state_dict(config, state_dict: dict, dtype) -> (object, str):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     expected = set(model.state_dict().keys())
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     mapping, prefix = map_to_hf_names(state_dict.keys(), expected, tied)
@@ -524,7 +524,7 @@ def _model_from_state_dict(config, state_dict: dict, dtype) -> (object, str):
     return model, prefix
 
 
-def _model_from_hf_folder(path: Path, config, dtype):
+def _model_from_hf_folder(path: Path, config, dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     weights = sorted(path.glob("*.safetensors"))
@@ -547,7 +547,8 @@ def _model_from_hf_folder(path: Path, config, dtype):
         _check_safetensors(file)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True,
-                                                           output_loading_info=True)
+                                                           output_loading_info=True,
+                                                           trust_remote_code=trust_remote_code)
     except ExportError:
         raise
     except Exception as err:
@@ -689,17 +690,17 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_weights(src: Source, config, torch_dtype, allow_unsafe_pickle: bool, log):
+def _load_weights(src: Source, config, torch_dtype, allow_unsafe_pickle: bool, log, trust_remote_code: bool = False):
     """(model holding SRC's weights in TORCH_DTYPE, ZeRO stage or None, key prefix removed)."""
     if src.kind == "hf":
-        return _model_from_hf_folder(src.path, config, torch_dtype), None, ""
+        return _model_from_hf_folder(src.path, config, torch_dtype, trust_remote_code), None, ""
     stage = checkpoint_zero_stage(src, allow_unsafe_pickle)
     check_deepspeed_files(src, stage)
     if stage == 0:
         state_dict = load_deepspeed_module_state_dict(src, allow_unsafe_pickle=allow_unsafe_pickle, log=log)
     else:
         state_dict = load_deepspeed_fp32_state_dict(src, allow_unsafe_pickle=allow_unsafe_pickle, log=log)
-    model, prefix = _model_from_state_dict(config, state_dict, torch_dtype)
+    model, prefix = _model_from_state_dict(config, state_dict, torch_dtype, trust_remote_code)
     return model, stage, prefix
 
 
@@ -731,7 +732,8 @@ def _write_folder(tmp: Path, model, tokenizer, result: ExportResult, tokenizer_f
 
 def export_hf(source, out_dir, *, step: Optional[int] = None, final: bool = False, base_model: Optional[str] = None,
               dtype: Optional[str] = None, max_shard_size="5GB", force: bool = False,
-              allow_unsafe_pickle: bool = False, log: Optional[Callable[[str], None]] = None) -> ExportResult:
+              allow_unsafe_pickle: bool = False, log: Optional[Callable[[str], None]] = None,
+              trust_remote_code: bool = False) -> ExportResult:
     """Write SOURCE's weights as a Hugging Face folder OUT_DIR (see the module docstring)."""
     import torch
 
@@ -743,16 +745,23 @@ def export_hf(source, out_dir, *, step: Optional[int] = None, final: bool = Fals
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
     base, why = resolve_base_model(src, base_model)
+    from pipelines.models import ModelError, check_remote_code
+
+    try:  # the model's code would run when its config, tokenizer or weights are loaded
+        for folder in dict.fromkeys([base] + ([str(src.path)] if src.kind == "hf" else [])):
+            check_remote_code(folder, trust_remote_code)
+    except ModelError as err:
+        raise ExportError(str(err)) from None
     log(f"source: {src.describe()}; config and tokenizer from {base} ({why})")
-    config = _load_config(base)
+    config = _load_config(base, trust_remote_code)
     if src.run_dir and base == str(src.run_dir / rundir.FINAL_MODEL):
         config.use_cache = True  # OpenRLHF turns the KV cache off for training in the config it saves
     dtype_name = DTYPES.get(dtype, dtype) or config_dtype_name(config)
     torch_dtype = getattr(torch, dtype_name)
-    model, zero_stage, prefix = _load_weights(src, config, torch_dtype, allow_unsafe_pickle, log)
+    model, zero_stage, prefix = _load_weights(src, config, torch_dtype, allow_unsafe_pickle, log, trust_remote_code)
     model.config.dtype = torch_dtype
     model.generation_config = _generation_config(base, config)
-    tokenizer, tokenizer_from = _load_tokenizer([base] + ([str(src.path)] if src.kind == "hf" else []))
+    tokenizer, tokenizer_from = _load_tokenizer([base] + ([str(src.path)] if src.kind == "hf" else []), trust_remote_code)
 
     result = ExportResult(out_dir=out_dir, source=src, dtype=dtype_name, weight_files=[],
                           num_parameters=sum(p.numel() for p in model.parameters()),

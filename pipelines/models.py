@@ -256,8 +256,17 @@ def _check_hf_folder(folder: Path, spec: str, require_tokenizer: bool) -> None:
 
 
 def resolve_model(spec, *, allow_run_dir: bool = True, require_tokenizer: bool = True,
-                  log=lambda msg: None) -> ResolvedModel:
-    """Resolve a model spec (see the module docstring); raises ModelError with one line to act on."""
+                  log=lambda msg: None, trust_remote_code: Optional[bool] = None) -> ResolvedModel:
+    """Resolve a model spec (see the module docstring); raises ModelError with one line to act on.
+    With TRUST_REMOTE_CODE False, a model that names custom code is refused (check_remote_code);
+    None leaves that to the caller (a command that does not load the model)."""
+    resolved = _resolve(spec, allow_run_dir=allow_run_dir, require_tokenizer=require_tokenizer, log=log)
+    if trust_remote_code is not None:
+        check_remote_code(resolved.path, trust_remote_code)
+    return resolved
+
+
+def _resolve(spec, *, allow_run_dir: bool, require_tokenizer: bool, log) -> ResolvedModel:
     spec = str(spec)
     path = Path(spec).expanduser()
     if path.is_file():
@@ -292,3 +301,91 @@ def resolve_model(spec, *, allow_run_dir: bool = True, require_tokenizer: bool =
         return ResolvedModel(spec, "hub", spec)
     raise ModelError(f"{spec}: no such model folder or file, not a built-in model ({', '.join(BUILTIN_MODELS)}) "
                      "and not a Hub id (owner/name)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom code (auto_map)
+# ---------------------------------------------------------------------------------------------
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+
+
+def _code_files(value) -> list:
+    """The .py files an auto_map entry (or any string of a config) names: "modeling_x.XModel" and
+    "owner/repo--modeling_x.XModel" name modeling_x.py; "x.py" names itself."""
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in _code_files(v)]
+    if isinstance(value, (list, tuple)):
+        return [f for v in value for f in _code_files(v)]
+    if not isinstance(value, str) or not value:
+        return []
+    if value.endswith(".py"):
+        return [value.split("--")[-1]]
+    return []
+
+
+def _auto_map_files(auto_map) -> list:
+    out = []
+    for value in (auto_map.values() if isinstance(auto_map, dict) else [auto_map]):
+        for ref in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(ref, str) and "." in ref:
+                out.append(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return out
+
+
+def custom_code_in(config_path, shown=None) -> Optional[str]:
+    """Why the JSON config at CONFIG_PATH makes transformers run code shipped with the model (its
+    auto_map, or .py files it names), in one phrase; None when it names none. SHOWN names the
+    file in the message (default: the path)."""
+    shown = shown or str(config_path)
+    try:
+        data = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # unreadable: the loader reports it
+    if not isinstance(data, dict):
+        return None
+    if "auto_map" in data:
+        files = sorted(set(_auto_map_files(data["auto_map"]) + _code_files(data["auto_map"])))
+        return f"{shown}: auto_map names custom code ({', '.join(files) or 'no file named'})"
+    files = sorted(set(_code_files(data)))
+    if files:
+        return f"{shown}: names custom code ({', '.join(files)})"
+    return None
+
+
+def remote_code_problems(model_path) -> list:
+    """One phrase for each config (config.json, tokenizer_config.json) of MODEL_PATH that names
+    custom code: a local folder's files, or a Hub id's files in the local Hugging Face cache
+    (one not cached is not read here; OpenRLHF and vLLM then still get trust_remote_code=False)."""
+    folder = Path(str(model_path)).expanduser()
+    found = []
+    for name in REMOTE_CODE_CONFIGS:
+        path = folder / name
+        if not path.is_file() and is_hub_id(str(model_path)):
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(str(model_path), name)
+            except Exception:  # noqa: BLE001 - no cache to read: nothing found here
+                cached = None
+            if not isinstance(cached, str):
+                continue
+            path = Path(cached)
+            shown = f"{model_path}/{name}"
+        else:
+            shown = str(path)
+        if path.is_file():
+            why = custom_code_in(path, shown)
+            if why:
+                found.append(why)
+    return found
+
+
+def check_remote_code(model_path, trust_remote_code: bool) -> None:
+    """The one check every command that loads a model (train, warmup, eval, export-hf, study) runs
+    before anything starts: a model whose config.json or tokenizer_config.json names custom code
+    is refused, in one line naming the files, unless the user passed --trust-remote-code."""
+    if trust_remote_code:
+        return
+    problems = remote_code_problems(model_path)
+    if problems:
+        raise ModelError("; ".join(problems) + ": pass --trust-remote-code to run it")

@@ -182,7 +182,8 @@ def materialise_argv(argv: List[str], run_dir) -> List[str]:
     return [a.replace(rundir.RUN_DIR_TOKEN, run_dir) for a in argv]
 
 
-def build_patch_config(recipe: Recipe, *, device: str, max_steps: Optional[int], reward_file: str) -> PatchConfig:
+def build_patch_config(recipe: Recipe, *, device: str, max_steps: Optional[int], reward_file: str,
+                       trust_remote_code: bool = False) -> PatchConfig:
     """The settings the workers' patch needs (the run directory is filled in at launch)."""
     return PatchConfig(
         estimator=None if recipe.estimator in UPSTREAM_ESTIMATORS else recipe.estimator,  # None: OpenRLHF's
@@ -195,6 +196,7 @@ def build_patch_config(recipe: Recipe, *, device: str, max_steps: Optional[int],
         reward_file=reward_file,
         old_log_probs=recipe.old_log_probs,
         reproducible_rollouts=recipe.reproducible_rollouts,
+        trust_remote_code=trust_remote_code,
     )
 
 

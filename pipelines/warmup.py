@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 OPENRLHF_SFT_MODULE = "openrlhf.cli.train_sft"
+TRUST_REMOTE_CODE_ENV = "NGRPO_TRUST_REMOTE_CODE"  # the child's trust_remote_code (openrlhf_patch/remote_code.py)
 IM_END = "<|im_end|>"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,11 +75,11 @@ def sft_records(problems: Sequence[dict]) -> List[dict]:
              "answer": p["answer"]} for p in problems]
 
 
-def longest_row_tokens(model_dir, rows: Sequence[dict]) -> int:
+def longest_row_tokens(model_dir, rows: Sequence[dict], trust_remote_code: bool = False) -> int:
     """Tokens of the longest input + output, as SFTDataset tokenizes them."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     texts = sorted({r["input"] + r["output"] for r in rows}, key=len)[-64:]  # the longest few by characters
     return max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
 
@@ -87,7 +88,8 @@ def longest_row_tokens(model_dir, rows: Sequence[dict]) -> int:
 
 
 def evaluate(model_dir, out_dir, *, n_problems: int, samples: int = 0, seed: int = 0,
-             mix: str = DEFAULT_RECIPE["mix"], max_new_tokens: Optional[int] = None) -> dict:
+             mix: str = DEFAULT_RECIPE["mix"], max_new_tokens: Optional[int] = None,
+             trust_remote_code: bool = False) -> dict:
     """Greedy accuracy (and with SAMPLES > 0 the mean accuracy of that many samples per problem at
     temperature 1, top_p 1: what RL rollouts see) on N_PROBLEMS test-split problems, by `ngrpo
     eval`'s code (transformers backend, math-verify grading) into OUT_DIR/greedy and OUT_DIR/sampled.
@@ -101,7 +103,7 @@ def evaluate(model_dir, out_dir, *, n_problems: int, samples: int = 0, seed: int
     bench = out_dir / "heldout.jsonl"
     write_jsonl_atomic(arith.problems(n_problems, mix=mix, split="test", seed=seed), bench)
     common = dict(backend="hf", max_new_tokens=max_new_tokens or arith.WORKED_SOLUTION_TOKENS, seed=seed,
-                  progress=False, overwrite=True, log=lambda msg: None)
+                  progress=False, overwrite=True, log=lambda msg: None, trust_remote_code=trust_remote_code)
     greedy = run_eval(str(model_dir), [str(bench)], out_dir=out_dir / "greedy", n=1, temperature=0.0, **common)
     result = {"n_problems": n_problems, "greedy_accuracy": greedy["benchmarks"]["heldout"]["avg@1"]}
     if samples > 0:
@@ -183,7 +185,8 @@ def warmup_sft(model_dir, out_dir, *, n_problems: int = DEFAULT_RECIPE["n_proble
                mix: str = DEFAULT_RECIPE["mix"], batch_size: int = DEFAULT_RECIPE["batch_size"],
                micro_batch_size: int = DEFAULT_RECIPE["micro_batch_size"],
                zero_stage: int = DEFAULT_RECIPE["zero_stage"], device: Optional[str] = None,
-               work_dir=None, extra_args: Sequence[str] = (), verbose: bool = False) -> Path:
+               work_dir=None, extra_args: Sequence[str] = (), verbose: bool = False,
+               trust_remote_code: bool = False) -> Path:
     """Warm `model_dir` up on `n_problems` seeded arithmetic problems with OpenRLHF's SFT trainer and
     write the Hugging Face model folder `out_dir` (bf16, tokenizer, chat template). Returns out_dir.
 
@@ -200,7 +203,7 @@ def warmup_sft(model_dir, out_dir, *, n_problems: int = DEFAULT_RECIPE["n_proble
 
         device = detect_device()
     rows = sft_records(warmup_problems(n_problems, seed=seed, mix=mix))
-    longest = longest_row_tokens(model_dir, rows)
+    longest = longest_row_tokens(model_dir, rows, trust_remote_code)
     if longest > max_len:
         # SFTDataset would silently cut answers (their \boxed{} included) at max_len.
         raise ValueError(f"the longest prompt + answer has {longest} tokens > max_len={max_len}; raise max_len")
@@ -227,6 +230,7 @@ def warmup_sft(model_dir, out_dir, *, n_problems: int = DEFAULT_RECIPE["n_proble
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(_free_port()))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env[TRUST_REMOTE_CODE_ENV] = "1" if trust_remote_code else "0"  # OpenRLHF's hard-coded True otherwise
 
     cmd = [sys.executable, "-m", "pipelines.warmup", *argv]
     (work / "command.txt").write_text(" ".join(cmd) + "\n")
@@ -322,6 +326,9 @@ def launch(argv: Sequence[str]) -> None:
         from openrlhf_patch import cpu_mode
 
         cpu_mode.ensure_flash_attn_importable()
+    from openrlhf_patch import remote_code
+
+    remote_code.install(os.environ.get(TRUST_REMOTE_CODE_ENV) == "1")
     sys.argv = [OPENRLHF_SFT_MODULE, *argv]
     runpy.run_module(OPENRLHF_SFT_MODULE, run_name="__main__", alter_sys=True)
 

@@ -289,7 +289,7 @@ def test_synthetic_arith(tmp_path):
 def test_load_problems_errors(tmp_path):
     p = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "problem": "x", "answer": "1"},
                                            {"id": "b", "problem": "y"}])
-    with pytest.raises(DataError, match=rf"^{p}: line 2: field 'answer': missing or empty$"):
+    with pytest.raises(DataError, match=rf"^{p}: line 2: field 'answer': missing or empty answer$"):
         load_problems(p)
     p = write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "problem": "x", "answer": "1"},
                                            {"id": "a", "problem": "y", "answer": "2"}])
@@ -299,7 +299,7 @@ def test_load_problems_errors(tmp_path):
     with pytest.raises(DataError, match=r"r.jsonl: line 1: field 'metadata': expected an object"):
         load_problems(p)
     p = write_jsonl(tmp_path / "s.jsonl", ["{oops"])
-    with pytest.raises(DataError, match=r"s.jsonl: line 1: invalid JSON"):
+    with pytest.raises(DataError, match=r"s.jsonl: line 1: field 'json': invalid JSON"):
         load_problems(p)
     p = write_jsonl(tmp_path / "t.jsonl", [{"id": 3, "problem": "x", "answer": "1"}])
     assert load_problems(p) == [{"id": "3", "problem": "x", "answer": "1", "source": "t", "metadata": {}}]

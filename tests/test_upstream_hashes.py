@@ -44,7 +44,7 @@ def test_the_hashed_text_is_inspect_getsource_of_the_unpatched_function():
         assert upstream.source_sha256(text) == copy.sha256
         assert upstream.normalised_source(text) == "\n".join(
             line.rstrip() for line in textwrap.dedent(text).splitlines()) + "\n"
-    assert compared >= len(upstream.COPIES) - 2
+    assert compared >= len(upstream.COPIES) - 3  # is_vlm_model too, once remote_code.py replaced it
 
 
 def test_every_copy_names_ngrpo_code_that_exists():
