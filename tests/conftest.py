@@ -5,6 +5,7 @@ at a session folder, set here before anything imports huggingface_hub (it reads 
 `hub_model` puts the tiny model into that cache under a real Hub id.
 """
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -69,3 +70,12 @@ def layout_args():
                            algo=SimpleNamespace(kl=SimpleNamespace(init_coef=0)),
                            critic=SimpleNamespace(model_name_or_path=None),
                            rollout=SimpleNamespace(batch_size=4, n_samples_per_prompt=8))
+
+
+@pytest.fixture
+def problems(tmp_path) -> Path:
+    """Eight one-line sums as a problems JSONL (id, problem, answer): a small valid --data / --benchmarks file."""
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(8)))
+    return path

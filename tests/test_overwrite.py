@@ -2,8 +2,6 @@
 --output DIR` into a folder holding files they did not write are refused, naming what is there,
 and the files stay byte-identical; with --overwrite they proceed; eval still resumes into its own
 earlier output."""
-import json
-
 import click
 import pytest
 from click.testing import CliRunner
@@ -16,14 +14,6 @@ USER_DATA = b'{"id": "mine", "problem": "my problem", "answer": "42"}\n'
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture
-def problems(tmp_path):
-    path = tmp_path / "problems.jsonl"
-    path.write_text("".join(json.dumps({"id": str(i), "problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
-                            for i in range(8)))
-    return path
 
 
 def eval_args(model, problems, out):

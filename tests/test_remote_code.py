@@ -56,14 +56,6 @@ def custom_model(tiny_model_dir, tmp_path):
 
 
 @pytest.fixture
-def problems(tmp_path):
-    path = tmp_path / "problems.jsonl"
-    path.write_text("".join(json.dumps({"id": str(i), "problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
-                            for i in range(8)))
-    return path
-
-
-@pytest.fixture
 def no_ray(monkeypatch):
     """Fails the test if `ngrpo train` starts Ray's node."""
     from pipelines import training
