@@ -16,7 +16,7 @@
 # GPU profile: the versions OpenRLHF 0.11.2 pins, from requirements/gpu.txt (wheels only; the same
 # file tests/test_install_gpu_profile.py resolves), then DeepSpeed (sdist, pure-Python build) and
 # openrlhf without their dependencies from requirements/gpu-no-deps.txt. flash-attn is not
-# installed: ngrpo uses sdpa attention without it (see README, "GPU runs").
+# installed: ngrpo uses sdpa attention without it (see docs/RUNNING.md, "GPU runs").
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${NGRPO_VENV:-.venv}

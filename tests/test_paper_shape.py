@@ -31,7 +31,7 @@ from pipelines.recipes import ALGOS, build_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALGOS_CHECKED = ("ngrpo", "grpo")
-GPUS_PER_NODE = 8  # the paper's node (README "GPU runs"); `ngrpo train` takes all visible GPUs
+GPUS_PER_NODE = 8  # the paper's node (docs/RUNNING.md "GPU runs"); `ngrpo train` takes all visible GPUs
 OPTIMIZER_STEPS_PER_ROLLOUT = 4  # the paper: 1024 prompts per rollout, mini-batches of 256
 CPU_EVAL_EVERY = 2  # paper-cpu validates every 2 of its 3 steps (the paper: every 7)
 
