@@ -89,7 +89,9 @@ class BadLine(ValueError):
 def iter_jsonl(path):
     """(1-based line number, value or BadLine) for each non-blank line of a JSON-lines file.
 
-    The one reader of JSON lines, for files ngrpo writes and files users give it. A last line
+    The reader of the JSON lines ngrpo writes (users' data files go through pipelines.data's
+    `_iter_jsonl_bytes`, which follows the same line rules and adds UTF-8, depth and byte-order-mark
+    checks; folding the two into one is left to do). A last line
     without its newline counts when it parses (files often lack a final newline); otherwise it is
     a torn BadLine, which readers of ngrpo's own logs skip quietly and readers of user data
     report. Every other line that does not parse is a BadLine, and nothing after it is lost."""
