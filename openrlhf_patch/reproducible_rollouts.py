@@ -96,7 +96,17 @@ def patches(run_seed: int) -> dict:
     samples generator, so that the order is restored around whichever loop runs."""
 
     def patch_vllm(async_llm):
-        async_llm.AsyncLLM.generate = wrap_generate(async_llm.AsyncLLM.generate, run_seed)
+        import inspect
+
+        # wrap_generate reads the prompt and the sampling params by position: a vLLM that moved
+        # them would leave every request unseeded without a word, so it stops here instead.
+        generate = getattr(async_llm.AsyncLLM, "generate", None)
+        params = list(inspect.signature(generate).parameters)[:4] if generate is not None else []
+        if params != ["self", "prompt", "sampling_params", "request_id"]:
+            raise RuntimeError(f"--reproducible-rollouts: {VLLM_MODULE}.AsyncLLM.generate takes {params or 'nothing'}, "
+                               "not (self, prompt, sampling_params, request_id) as in vLLM 0.29; "
+                               "openrlhf_patch/reproducible_rollouts.py must be ported to this vLLM")
+        async_llm.AsyncLLM.generate = wrap_generate(generate, run_seed)
 
     def patch_generator(samples_generator):
         generator = samples_generator.SamplesGenerator
