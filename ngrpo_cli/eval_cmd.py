@@ -54,9 +54,11 @@ def _protocol_help(name: str) -> str:
 @click.option("--trust-remote-code", is_flag=True,
               help="Let a model whose config names custom code (auto_map) run that code; without it such a model "
                    "is refused.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also show vLLM's, torch's and Ray's output live (it always goes to OUT_DIR/logs/eval-N.log).")
 def eval_cmd(model, protocol, benchmarks, out_dir, backend, n, temperature, top_p, max_new_tokens, seed, limit,
              data_dir, dtype, batch_size, tensor_parallel_size, gpu_memory_utilization, max_model_len, save_token_ids,
-             overwrite, grader_timeout, answer_extraction, vllm_compile, trust_remote_code):
+             overwrite, grader_timeout, answer_extraction, vllm_compile, trust_remote_code, verbose):
     """Sample answers, grade them with math-verify, report avg@n, pass@k, maj@n and the final score.
 
     Uses the training chat prompt. Rerunning into the same OUT_DIR resumes: only missing samples
@@ -87,6 +89,6 @@ def eval_cmd(model, protocol, benchmarks, out_dir, backend, n, temperature, top_
                  tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                  max_model_len=max_model_len, save_token_ids=save_token_ids, overwrite=overwrite,
                  trust_remote_code=trust_remote_code, answer_extraction=answer_extraction, vllm_compile=vllm_compile,
-                 log=lambda s: click.echo(s, err=True))
+                 log=lambda s: click.echo(s, err=True), quiet=True, verbose=verbose)
     except EvalError as err:
         raise click.ClickException(str(err))

@@ -71,7 +71,16 @@ def _load_yaml_config(path):
     return settings
 
 
-@click.command("train", context_settings={"show_default": True})
+TRAIN_EPILOG = (
+    "Logs: every run writes TensorBoard events to RUN_DIR/tensorboard/ (view them with `tensorboard --logdir "
+    "RUN_DIR/tensorboard`), one line of metrics per step to RUN_DIR/metrics.jsonl and the launch log to "
+    "RUN_DIR/logs/. --wandb PROJECT also logs the same metrics to Weights & Biases; the key comes from "
+    "WANDB_API_KEY only, and WANDB_MODE=offline keeps the W&B run in RUN_DIR/wandb/. OpenRLHF features after `--` "
+    "(LoRA, packing, async training, ...): docs/FEATURES.md."
+)
+
+
+@click.command("train", context_settings={"show_default": True}, epilog=TRAIN_EPILOG)
 @click.option("--model", help="Base model: a local Hugging Face folder, a GGUF file, a built-in model "
                               "(smollm2-135m-instruct) or a Hub id (e.g. Qwen/Qwen2.5-Math-7B).")
 @click.option("--algo", type=click.Choice(ALGOS), default=None,
@@ -120,10 +129,21 @@ def _load_yaml_config(path):
                                                "into an --output folder that holds other files.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Let a model whose config names custom code (auto_map) run that code, in every process of the "
-                   "run (without it such a model is refused, and OpenRLHF and vLLM get trust_remote_code=False).")
+                   "run (without it such a model is refused, and OpenRLHF and vLLM get trust_remote_code=False). "
+                   "A resume of such a run needs it again.")
 @click.option("--max-dropped-groups", type=click.IntRange(min=1), default=512,
               help="Stop the run when the group filter drops this many groups in a row (the reward never gives "
                    "the groups the filter keeps).")
+@click.option("--stall-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Stop the run when it makes no progress for this long (no response generated, no training "
+                   "micro-batch, weight sync, logged step or checkpoint byte written), with one line naming the "
+                   "stalled stage and process; a warning comes at half of it. 0 turns the watchdog off; a resume "
+                   "keeps the run's value.  [default: 1800 on GPU, 600 on CPU]")
+@click.option("--wandb", "wandb_project", default=None, metavar="PROJECT",
+              help="Also log the run's step metrics (OpenRLHF's and ngrpo's) to this Weights & Biases project, "
+                   "as a W&B run named after the run directory (OpenRLHF's --logger.wandb.* flags after `--` can "
+                   "change that). The API key is read from WANDB_API_KEY, never stored; WANDB_MODE=offline writes "
+                   "RUN_DIR/wandb/ only. A resume logs to the same W&B run.")
 @click.option("--gpu-memory", type=click.FloatRange(min=1), default=None, metavar="GIB",
               help="GPU size for the memory check of a GPU run (GiB per GPU).  [default: this machine's GPU 0]")
 @click.option("--dry-run", is_flag=True, help="Check everything, print the OpenRLHF command line, and exit.")
@@ -133,18 +153,21 @@ def _load_yaml_config(path):
 @click.argument("openrlhf_args", nargs=-1, type=click.UNPROCESSED)
 def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, device, max_steps, save_steps,
           keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, overwrite,
-          trust_remote_code, max_dropped_groups, gpu_memory, nodes, gpus_per_node,
+          trust_remote_code, max_dropped_groups, stall_timeout, wandb_project, gpu_memory, nodes, gpus_per_node,
           vllm_engines, vllm_tp, colocate, dry_run, verbose, openrlhf_args, **recipe_flags):
     """Train MODEL on DATA with NGRPO or a baseline, through OpenRLHF.
 
     Everything is checked before training starts and before the run directory is made: the model
     and its tokenizer, the data, every setting (OpenRLHF's own parser included) and the prompt
     lengths (on CPU Ray's node starts meanwhile, and stops again if a check fails). Any OpenRLHF
-    flag can follow `--`, e.g. `ngrpo train ... -- --logger.wandb.key KEY`; it is appended last,
-    so it wins over the recipe.
+    flag can follow `--`, e.g. `ngrpo train ... -- --train.async_enable`; it is appended last,
+    so it wins over the recipe (docs/FEATURES.md: which OpenRLHF features work with ngrpo).
     """
     if resume_dir:
-        return _resume(resume_dir, max_steps, verbose)
+        if wandb_project:
+            raise click.UsageError("--wandb is the launch's choice: a resume logs where its launch did (the run's "
+                                   "manifest records it)")
+        return _resume(resume_dir, max_steps, verbose, trust_remote_code, stall_timeout)
     for name, value in (("--model", model), ("--data", data_path), ("--output", run_dir)):
         if value is None and not (dry_run and name == "--output"):
             raise click.UsageError(f"{name} is required (or use --resume RUN_DIR)")
@@ -156,9 +179,13 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
         plan = _preflight(model, algo, data_path, run_dir, config_path, preset, device, max_steps, save_steps,
                           keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, nodes,
                           gpus_per_node, vllm_engines, vllm_tp, colocate, openrlhf_args, recipe_flags,
-                          start_ray=not dry_run, trust_remote_code=trust_remote_code)
-        plan["patch_config"] = dataclasses.replace(plan["patch_config"],
-                                                   max_consecutive_dropped_groups=max_dropped_groups)
+                          start_ray=not dry_run, trust_remote_code=trust_remote_code,
+                          wandb_run=_wandb_run(wandb_project, run_dir))
+        from pipelines.watchdog import default_timeout
+
+        plan["patch_config"] = dataclasses.replace(
+            plan["patch_config"], max_consecutive_dropped_groups=max_dropped_groups,
+            stall_timeout=default_timeout(plan["device"]) if stall_timeout is None else stall_timeout)
         if plan["device"] == "cuda":
             _check_gpu_memory(plan, gpu_memory, dry_run)
         if dry_run:
@@ -174,7 +201,8 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
 
 def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max_steps, save_steps, keep_checkpoints,
                limit, reward_file, eval_data, data_dir, eval_every, long_prompts, nodes, gpus_per_node, vllm_engines,
-               vllm_tp, colocate, openrlhf_args, recipe_flags, start_ray=False, trust_remote_code=False) -> dict:
+               vllm_tp, colocate, openrlhf_args, recipe_flags, start_ray=False, trust_remote_code=False,
+               wandb_run=None) -> dict:
     """Every check that can fail before the run starts; a failure is one line naming what to fix.
     With START_RAY a CPU run's Ray node starts in the background once the model, the data and the
     settings are found, before the checks that import the stack (tokenizer, OpenRLHF's parser)."""
@@ -212,11 +240,20 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
     layout = training.Layout.for_device(device, nodes=nodes, gpus_per_node=gpus_per_node, vllm_engines=vllm_engines,
                                         vllm_tensor_parallel=vllm_tp, colocate=colocate)
     reward_file = str(Path(reward_file).resolve()) if reward_file else training.DEFAULT_REWARD_FILE
-    argv = training.build_openrlhf_argv(recipe, model=resolved.path, layout=layout,
-                                        save_steps=save_steps or (10 if device == "cpu" else 20),
-                                        keep_checkpoints=keep_checkpoints or (2 if device == "cpu" else 3),
-                                        eval_every=eval_every, extra=openrlhf_args)
+    # what a resume rebuilds the command line from (pipelines/resume.py), with the recipe and layout
+    launch = {"save_steps": save_steps or (10 if device == "cpu" else 20),
+              "keep_checkpoints": keep_checkpoints or (2 if device == "cpu" else 3),
+              "openrlhf_extra": (training.wandb_argv(wandb_run["project"], wandb_run["run_name"]) if wandb_run else [])
+              + list(openrlhf_args)}
+    if wandb_run:
+        launch["wandb"] = wandb_run
+    argv = training.build_openrlhf_argv(recipe, model=resolved.path, layout=layout, save_steps=launch["save_steps"],
+                                        keep_checkpoints=launch["keep_checkpoints"], eval_every=eval_every,
+                                        extra=launch["openrlhf_extra"])
+    _check_features(argv, device, resolved.path)
     run_path = Path(run_dir or "ngrpo-dry-run").resolve()
+    if start_ray and wandb_run:
+        _wandb_environment(run_path, wandb_run)  # before Ray's node starts: its processes inherit it
     if device == "cuda" and recipe.packing and not training.gpu_run.flash_attn_usable():
         raise click.UsageError("--packing needs flash-attn built for the installed torch (none is usable here); "
                                "leave it out to train with sdpa attention and padded micro-batches")
@@ -233,11 +270,44 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
         raise click.ClickException(f"OpenRLHF rejected this command line: {err}")
     return {"recipe": recipe, "resolved": resolved, "model": model, "algo": algo, "preset": preset, "device": device,
             "openrlhf_args": args,
-            "layout": layout, "argv": argv, "run_path": run_path, "problems": problems, "eval_problems": eval_problems,
+            "layout": layout, "argv": argv, "launch": launch, "run_path": run_path, "problems": problems, "eval_problems": eval_problems,
             "data_path": data_path, "eval_data": eval_data, "eval_every": eval_every, "max_steps": max_steps,
             "trust_remote_code": trust_remote_code,
             "patch_config": training.build_patch_config(recipe, device=device, max_steps=max_steps,
                                                         reward_file=reward_file, trust_remote_code=trust_remote_code)}
+
+
+def _check_features(argv, device, model_path) -> None:
+    """The OpenRLHF features of ARGV (the recipe's flags and the user's) that the patch cannot run
+    with, refused in one line before Ray starts (pipelines/features.py, docs/FEATURES.md)."""
+    from pipelines import features
+
+    try:
+        features.check(argv, device=device, model_path=model_path, log=lambda msg: click.echo(msg, err=True))
+    except features.FeatureRefused as err:
+        raise click.UsageError(str(err))
+
+
+def _wandb_run(project, run_dir):
+    """The launch's record of `--wandb PROJECT` (kept in the manifest for a resume): the W&B run is
+    named after the run directory and keeps one id across resumes. No key: that is WANDB_API_KEY's."""
+    if not project:
+        return None
+    import uuid
+
+    return {"project": project, "run_name": Path(run_dir or "ngrpo-dry-run").resolve().name,
+            "run_id": uuid.uuid4().hex[:12]}
+
+
+def _wandb_environment(run_path: Path, wandb_run: dict) -> None:
+    """The W&B settings of this process, which the run's Ray processes inherit (wandb reads them in
+    OpenRLHF's WandbLogger): the run's folder under RUN_DIR (a WANDB_DIR of your own wins) and one
+    W&B run id for the launch and its resumes."""
+    import os
+
+    os.environ.setdefault("WANDB_DIR", str(run_path))
+    os.environ["WANDB_RUN_ID"] = str(wandb_run["run_id"])
+    os.environ["WANDB_RESUME"] = "allow"
 
 
 def _validation_problems(specs: str, data_dir) -> list:
@@ -325,7 +395,8 @@ def _launch(plan, overwrite, verbose):
             "eval_data": plan["eval_data"] if plan["eval_problems"] else None,
             "eval_every": plan["eval_every"], "recipe": dataclasses.asdict(recipe),
             "layout": dataclasses.asdict(plan["layout"]), "max_steps": plan["max_steps"],
-            "openrlhf_argv": plan["argv"], "patch_config": dataclasses.asdict(plan["patch_config"]),
+            "launch": plan["launch"], "openrlhf_argv": plan["argv"],
+            "patch_config": dataclasses.asdict(plan["patch_config"]),
             "trust_remote_code": plan["trust_remote_code"],
         }
         rundir.write_manifest(run_path, manifest)
@@ -408,12 +479,12 @@ def _clear_earlier_run(run_path: Path, overwrite: bool, status: str) -> None:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _execute(run_path, manifest, resume, verbose):
+def _execute(run_path, manifest, resume, verbose, patch_config=None):
     """training.execute_run, with its failures as one clear error (the user's own first)."""
     from pipelines import training
 
     try:
-        return training.execute_run(run_path, manifest, resume=resume, verbose=verbose)
+        return training.execute_run(run_path, manifest, resume=resume, verbose=verbose, patch_config=patch_config)
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted; the run keeps its last checkpoint: continue it with "
                                    f"`ngrpo train --resume {run_path}`")
@@ -421,8 +492,11 @@ def _execute(run_path, manifest, resume, verbose):
         raise click.ClickException(str(err))
 
 
-def _resume(run_dir, max_steps, verbose):
-    from pipelines import early_ray, rundir, training
+def _resume(run_dir, max_steps, verbose, trust_remote_code=False, stall_timeout=None):
+    """Continue RUN_DIR from its last checkpoint. The run directory is data, not instructions:
+    OpenRLHF's command line and the patch settings are rebuilt from the recorded recipe, and
+    nothing outside the run but its base model is read or written (pipelines/resume.py)."""
+    from pipelines import early_ray, resume, rundir, training
 
     run_path = Path(run_dir).resolve()
     try:
@@ -434,19 +508,44 @@ def _resume(run_dir, max_steps, verbose):
     try:
         if max_steps is not None:
             manifest["max_steps"] = max_steps
-            manifest["patch_config"]["max_steps"] = max_steps
-        done = rundir.checkpoint_step(run_path)
+        if stall_timeout is not None:  # else the launch's, kept in the patch settings
+            manifest.setdefault("patch_config", {})["stall_timeout"] = stall_timeout
+        try:
+            resume.check_model(manifest, trust_remote_code)
+            argv = resume.rebuild_argv(run_path, manifest)  # refuses paths out of the run before any is read
+            _check_features(argv, manifest.get("device"), manifest.get("model"))
+            patch_config = resume.rebuild_patch_config(run_path, manifest, trust_remote_code)
+            done = rundir.checkpoint_step(run_path)
+        except (resume.ResumeRefused, rundir.RunDirError, click.UsageError) as err:
+            raise click.ClickException(f"cannot resume {run_path}: {getattr(err, 'message', err)}")
         if manifest.get("max_steps") is not None and done >= manifest["max_steps"]:
             raise click.ClickException(f"{run_path} already has {done} steps (--max-steps {manifest['max_steps']}): "
                                        "pass a larger --max-steps to train on")
-        click.echo(f"resuming {run_path} ({status}) from step {rundir.checkpoint_step(run_path)}", err=True)
+        if argv != manifest.get("openrlhf_argv"):
+            changed = _changed_flags(argv, manifest)
+            click.echo(f"note: the manifest's recorded command line differs from the one its recipe gives "
+                       f"({', '.join(changed)}); resuming with the recipe's", err=True)
+        manifest.update(openrlhf_argv=argv)
+        manifest["patch_config"]["max_steps"] = manifest.get("max_steps")
+        click.echo(f"resuming {run_path} ({status}) from step {done}", err=True)
+        wandb_run = (manifest.get("launch") or {}).get("wandb")
+        if isinstance(wandb_run, dict) and isinstance(wandb_run.get("run_id"), str):
+            _wandb_environment(run_path, wandb_run)  # the launch's W&B run, continued
         # comes up while the launch imports OpenRLHF to parse the command line
-        training.start_ray_early(manifest["openrlhf_argv"], manifest["patch_config"].get("device"))
-        manifest = _execute(run_path, manifest, resume=True, verbose=verbose)
+        training.start_ray_early(argv, patch_config.device)
+        manifest = _execute(run_path, manifest, resume=True, verbose=verbose, patch_config=patch_config)
     finally:
         early_ray.discard()
         lock.release()
     _say_finished(run_path, manifest)
+
+
+def _changed_flags(argv, manifest) -> list:
+    """The flags whose values differ between ARGV and the manifest's recorded command line."""
+    from pipelines.resume import flag_values
+
+    new, old = flag_values(argv), flag_values(manifest.get("openrlhf_argv") or [])
+    return [flag for flag in sorted(set(new) | set(old)) if new.get(flag) != old.get(flag)]
 
 
 def _version():

@@ -46,6 +46,9 @@ class PatchConfig:
     # Let the model's own code run (`--trust-remote-code`): what OpenRLHF and vLLM get as
     # trust_remote_code in every process of the run (openrlhf_patch/remote_code.py).
     trust_remote_code: bool = False
+    # Stop the run after this many seconds without progress (`--stall-timeout`; 0: never); None:
+    # the device's default (pipelines/watchdog.py). Read by the driver's watchdog only.
+    stall_timeout: Optional[float] = None
 
     @property
     def max_reward(self) -> float:

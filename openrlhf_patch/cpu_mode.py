@@ -121,9 +121,11 @@ def _cpu_noop(name):
 
 
 def patch_torch_cuda() -> None:
-    torch.cuda.current_device = lambda: "cpu"
+    from openrlhf_patch import touchpoints
+
+    touchpoints.patch("torch.cuda.current_device", lambda: "cpu")
     for name in ("set_device", "synchronize", "current_stream", "empty_cache"):
-        setattr(torch.cuda, name, _cpu_noop(name))
+        touchpoints.patch(f"torch.cuda.{name}", _cpu_noop(name))
 
 
 class GlooBroadcastGroup:
@@ -276,18 +278,87 @@ ROLLOUT_SEQUENCES_ENV = "NGRPO_ROLLOUT_SEQUENCES"  # set by the driver: prompts 
 VLLM_SCRATCH_ENV = "NGRPO_VLLM_SCRATCH"  # set by the driver of a private node: the engines' temp folder
 
 
+VLLM_SCRATCH_PREFIX = "ngrpo-vllm-"  # then the owner's pid: ngrpo-vllm-PID-XXXXXXXX
+SCRATCH_OWNER = "owner.json"         # in each: {"pid", "start" (its start time, /proc), "host"}
+# Removes the folder once every holder of its stdin pipe (the owner) is gone, a SIGKILL included.
+_SCRATCH_REAPER = "import shutil, sys\nsys.stdin.buffer.read()\nshutil.rmtree(sys.argv[1], ignore_errors=True)\n"
+
+
+def _process_start(pid: int):
+    """PID's start time (clock ticks since boot, /proc/PID/stat), telling a reused pid apart; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_alive(owner: dict) -> bool:
+    pid = int(owner["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        pass
+    start, now = owner.get("start"), _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def remove_stale_vllm_scratch(parent=None) -> list:
+    """Remove the ngrpo-vllm-* folders in PARENT (default: the temp folder) whose owner, a process of
+    this machine, is gone: what runs and evals killed before their own cleanup (and their reaper's)
+    left. A folder without a readable owner file (being made, or an older ngrpo's) is left alone,
+    and so is every folder of a live owner. Returns the removed paths."""
+    import glob
+    import json
+    import socket
+
+    removed = []
+    for path in glob.glob(os.path.join(parent or tempfile.gettempdir(), VLLM_SCRATCH_PREFIX + "*")):
+        try:
+            with open(os.path.join(path, SCRATCH_OWNER)) as f:
+                owner = json.load(f)
+            if owner.get("host") != socket.gethostname() or _owner_alive(owner):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
-def vllm_scratch_dir(env_vars: dict):
-    """A temp folder for the run's vLLM engines (its path in ENV_VARS), removed when the run ends.
-    vLLM puts a torch FileStore file (`vllm_dist_*`) and its ZMQ IPC sockets in the temp folder and
-    leaves them there when its processes are killed, as they are when a run ends: ~5 a run, ~25 a
-    test suite, in /tmp for good."""
-    path = tempfile.mkdtemp(prefix="ngrpo-vllm-")
-    env_vars[VLLM_SCRATCH_ENV] = path
+def vllm_scratch_dir(env_vars: dict = None):
+    """A temp folder for the vLLM engines of a run (its path in ENV_VARS) or of an eval, removed when
+    they end. vLLM puts a torch FileStore file (`vllm_dist_*`) and its ZMQ IPC sockets in the temp
+    folder and leaves them there when its processes are killed, as they are when a run ends: ~5 a
+    run, ~25 a test suite, in /tmp for good. The folder is named after this process and records
+    it (SCRATCH_OWNER); a reaper process removes it if this one is killed, and the next start
+    removes what a killed reaper left (remove_stale_vllm_scratch)."""
+    import json
+    import socket
+    import subprocess
+
+    remove_stale_vllm_scratch()
+    path = tempfile.mkdtemp(prefix=f"{VLLM_SCRATCH_PREFIX}{os.getpid()}-")
+    with open(os.path.join(path, SCRATCH_OWNER), "w") as f:
+        json.dump({"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}, f)
+    try:  # its own session: a signal to this process group (Ctrl-C, kill -- -PGID) does not reach it
+        reaper = subprocess.Popen([sys.executable, "-S", "-c", _SCRATCH_REAPER, path], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        reaper = None
+    if env_vars is not None:
+        env_vars[VLLM_SCRATCH_ENV] = path
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        if reaper is not None:
+            reaper.stdin.close()
+            with contextlib.suppress(Exception):
+                reaper.wait(timeout=10)
 
 
 def use_vllm_scratch_dir() -> None:
@@ -361,8 +432,10 @@ def _patch_vllm(vllm) -> None:
             run_engine_core_in_thread()
         return upstream(*args, **kwargs)
 
+    from openrlhf_patch import touchpoints
+
     AsyncEngineArgs._ngrpo_cpu = True
-    vllm.AsyncEngineArgs = AsyncEngineArgs
+    touchpoints.patch("vllm.AsyncEngineArgs", AsyncEngineArgs, owner=vllm)
 
 
 def apply_cpu_patches() -> None:

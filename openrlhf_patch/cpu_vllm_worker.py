@@ -23,8 +23,12 @@ def _plain_cpu_linear(layer, remove_weight=False):
 def _keep_weights_unpacked() -> None:
     from vllm.model_executor.layers import utils as layer_utils
 
+    from openrlhf_patch import touchpoints
+
     # linear.py and vocab_parallel_embedding.py import it at call time, so this reaches them.
-    layer_utils.dispatch_cpu_unquantized_gemm = _plain_cpu_linear
+    # touchpoints.patch raises when vLLM renames it: vLLM would otherwise keep sampling the base model.
+    touchpoints.patch("vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm", _plain_cpu_linear,
+                      owner=layer_utils)
 
 
 _keep_weights_unpacked()

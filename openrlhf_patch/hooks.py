@@ -18,7 +18,11 @@
 5. Optimizer (inside PolicyModelActor and CriticModelActor): where DeepSpeed's FusedAdam cannot be
    compiled (on CPU, and on a GPU node without nvcc), DeepSpeed is told to use torch's AdamW.
 6. Start-up (inside PolicyModelActor): `ActorPPOTrainer._init_vllm_sync_group` fails at once,
-   with the engine's own error, when a vLLM engine died while it was being created.
+   with the engine's own error, when a vLLM engine died while it was being created; an engine
+   that dies later (killed, out of memory, crashed) fails the run as "vLLM engine N died"
+   (`wrap_engine_calls` on generation and weight sync, `engine_death` for Ray's own error).
+7. Heartbeat (wherever a step's work runs): RUN_DIR/heartbeat.json names the stage a step is in
+   and moves with each response, micro-batch and weight sync, for the driver's stall watchdog.
 
 Only plain classes are patched. A @ray.remote class (PPOTrainer, PolicyModelActor) is shipped to
 the workers with its own copies of every inherited method, taken when the class is decorated, so
@@ -26,12 +30,14 @@ a patch on its base classes never reaches the actor; the plain objects it builds
 (experience maker, ActorPPOTrainer, loggers, sample generator) are imported by reference.
 Every upstream name used here is listed in openrlhf_patch/upstream.py.
 """
+import contextlib
 import functools
 import itertools
 import json
 import os
 import re
 import sys
+import threading
 import time
 
 import torch
@@ -195,6 +201,7 @@ def wrap_training_step(upstream):
 
     @functools.wraps(upstream)
     def training_step(self, experience, *args, **kwargs):
+        heartbeat("training")
         check_weights_unchanged(self, experience)
         status = upstream(self, experience, *args, **kwargs)
         for key, value in getattr(self.actor_loss_fn, "last_clip_fractions", {}).items():
@@ -302,6 +309,49 @@ def _write_progress(cfg, completed_steps: int) -> None:
         os.replace(tmp, path)
 
 
+HEARTBEAT = "heartbeat.json"  # read by the driver's stall watchdog (pipelines/watchdog.py)
+HEARTBEAT_EVERY_S = 1.0
+_last_beat = {"stage": None, "time": 0.0}
+
+
+def heartbeat(stage: str) -> None:
+    """RUN_DIR/heartbeat.json: the stage of the step this process works on (generation, experience,
+    training, weight sync, step end) and that it moved, for the driver's stall watchdog. Written
+    when the stage changes, else at most once a second; a failed write (a full disk) is left to
+    the run's own writes to report."""
+    cfg = active()
+    now = time.time()
+    if not cfg.run_dir or (stage == _last_beat["stage"] and now - _last_beat["time"] < HEARTBEAT_EVERY_S):
+        return
+    _last_beat.update(stage=stage, time=now)
+    path = os.path.join(cfg.run_dir, HEARTBEAT)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"stage": stage, "pid": os.getpid(), "time": now}, f)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def wrap_with_heartbeat(upstream, stage: str, after: str = None):
+    """UPSTREAM with a heartbeat of STAGE as it starts (and of AFTER once it returned)."""
+    if getattr(upstream, "_ngrpo_heartbeat", False):
+        return upstream
+
+    @functools.wraps(upstream)
+    def with_heartbeat(*args, **kwargs):
+        heartbeat(stage)
+        result = upstream(*args, **kwargs)
+        if after:
+            heartbeat(after)
+        return result
+
+    with_heartbeat._ngrpo_heartbeat = True
+    return with_heartbeat
+
+
 def wrap_generate_samples(upstream):
     if getattr(upstream, "_ngrpo", False):
         return upstream
@@ -309,6 +359,7 @@ def wrap_generate_samples(upstream):
     @functools.wraps(upstream)
     def generate_samples(self, *args, **kwargs):
         cfg = active()
+        heartbeat("generation")
         # OpenRLHF trains on a batch before it asks for the next, so batches handed out so far
         # are the steps completed.
         handed_out = getattr(self, "_ngrpo_batches", 0)
@@ -323,6 +374,7 @@ def wrap_generate_samples(upstream):
             # object): the last step of a --max-steps run always checkpoints, so it can continue.
             self.args.ckpt.save_steps = 1
         samples, pass_rate, consumed, exhausted = upstream(self, *args, **kwargs)
+        heartbeat("experience")
         if samples:
             self._ngrpo_batches = handed_out + 1
         return samples, pass_rate, consumed, exhausted
@@ -362,7 +414,8 @@ def _append_jsonl(run_dir, name, step, metrics) -> None:
 
 
 def make_run_logger_class(upstream_cls):
-    """OpenRLHF's TensorboardLogger, also writing RUN_DIR/metrics.jsonl and a progress line."""
+    """OpenRLHF's TensorboardLogger, also writing RUN_DIR/metrics.jsonl and a progress line. The
+    trainer hands its W&B logger (--wandb) the same step metrics, ngrpo's diagnostics included."""
     if getattr(upstream_cls, "_ngrpo", False):
         return upstream_cls
 
@@ -372,8 +425,16 @@ def make_run_logger_class(upstream_cls):
         def __init__(self, args):
             super().__init__(args)
             self.run_dir = active().run_dir
+            self.args = args  # the trainer's own arguments object
 
         def log_train(self, global_step, logs_dict):
+            max_steps = active().max_steps
+            if max_steps is not None and global_step >= max_steps:
+                # The trainer checkpoints right after it logs a step: the last step of a --max-steps
+                # run always checkpoints, so that it can continue. wrap_generate_samples sets this
+                # where the sample generator shares the trainer's arguments; OpenRLHF's async
+                # trainer (--train.async_enable) has its generator in an actor of its own.
+                self.args.ckpt.save_steps = 1
             super().log_train(global_step, logs_dict)
             metrics = dict(_scalar_items(logs_dict))
             if self.run_dir:
@@ -447,6 +508,7 @@ def wrap_init_vllm_sync_group(upstream):
         import ray
 
         engines = list(self.vllm_engines)
+        register_engines(engines)  # for naming an engine that dies later (engine_death)
         # __ray_ready__ resolves once an engine is created, or raises its creation error.
         ready = {engine.__ray_ready__.remote(): i for i, engine in enumerate(engines)}
         device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -487,3 +549,99 @@ def _last_exception(traceback_text: str, max_chars: int = 600) -> str:
     starts = [i for i, line in enumerate(lines) if re.match(r"[\w.]+:", line)]
     text = "\n".join(lines[starts[-1]:] if starts else lines[-1:]).strip()
     return text if len(text) <= max_chars else text[:max_chars] + " ..."
+
+
+# ---------------------------------------------------------------------------------------------
+# 6b. A vLLM engine that dies during the run is named
+# ---------------------------------------------------------------------------------------------
+ENGINE_PROBE_S = 10.0  # how long a failed call waits to learn whether an engine is dead
+_engine_index = {}     # actor id (hex) -> (index, number of engines): the engines this process has seen
+
+
+class EngineDiedError(RuntimeError):
+    """A vLLM engine actor died during the run; the message is one line, "vLLM engine N died: cause"."""
+
+
+def _actor_hex(engine):
+    actor_id = getattr(engine, "_actor_id", None)
+    return actor_id.hex() if actor_id is not None else None
+
+
+def register_engines(engines) -> None:
+    for i, engine in enumerate(engines):
+        if _actor_hex(engine):
+            _engine_index[_actor_hex(engine)] = (i, len(engines))
+
+
+def _died_line(index, err) -> str:
+    """'vLLM engine N died', with the cause Ray gives (ERR: its RayActorError) on the same line."""
+    # ActorDiedError: its base message, tab-indented fields (class_name, actor_id, pid, ...), the cause
+    base = getattr(type(err), "BASE_ERROR_MSG", None)
+    cause = " ".join(line.strip() for line in str(err).splitlines()
+                     if line.strip() and not line.startswith("\t") and line.strip() != base)
+    cause = re.sub(r"^The actor is dead because ", "", cause)
+    name = "a vLLM engine" if index is None else f"vLLM engine {index}"
+    return f"{name} died: {cause}" if cause else f"{name} died"
+
+
+def engine_death(err):
+    """'vLLM engine N died: ...' when ERR, or an exception it was raised from, is Ray's error for a
+    dead vLLM engine actor (RolloutRayActor); else None."""
+    import ray
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ray.exceptions.RayActorError):
+            known = _engine_index.get(getattr(err, "actor_id", None))
+            if known is not None or "class_name: RolloutRayActor" in str(err):
+                return _died_line(known[0] if known else None, err)
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
+
+
+def dead_engine(engines, timeout: float = ENGINE_PROBE_S):
+    """'vLLM engine N died: ...' for the first of ENGINES that is dead, else None (Ray answers a dead
+    actor's __ray_ready__ with its death; a live engine, an async actor, answers at once)."""
+    import ray
+
+    try:
+        refs = {engine.__ray_ready__.remote(): i for i, engine in enumerate(engines)}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+    except Exception:  # noqa: BLE001 - Ray itself is going down: nothing to add to the run's error
+        return None
+    for ref in sorted(done, key=lambda r: refs[r]):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            return _died_line(refs[ref], e)
+        except Exception:  # noqa: BLE001
+            continue
+    return None
+
+
+def wrap_engine_calls(upstream):
+    """UPSTREAM, a method of an object holding `vllm_engines` (the sample generator, the policy's
+    weight sync), with a dead engine named: Ray's ActorDiedError from a call to it, or what its
+    death caused elsewhere (the weight sync's gloo "Connection closed by peer"), becomes
+    EngineDiedError("vLLM engine N died: cause")."""
+    if getattr(upstream, "_ngrpo_engines", False):
+        return upstream
+
+    @functools.wraps(upstream)
+    def with_engines_named(self, *args, **kwargs):
+        try:
+            return upstream(self, *args, **kwargs)
+        except (EngineDiedError, EngineStartError, RewardError):
+            raise
+        except Exception as err:
+            engines = list(getattr(self, "vllm_engines", None) or [])
+            register_engines(engines)
+            died = engine_death(err) or (dead_engine(engines) if engines else None)
+            if died is None:
+                raise
+            raise EngineDiedError(died) from err
+
+    with_engines_named._ngrpo_engines = True
+    return with_engines_named
+

@@ -103,6 +103,8 @@ def _patch_ppo_actor(ppo_actor):
     trainer.training_step = hooks.wrap_training_step(trainer.training_step)
     trainer.ppo_train = old_log_probs.wrap_ppo_train(trainer.ppo_train)
     trainer._init_vllm_sync_group = hooks.wrap_init_vllm_sync_group(trainer._init_vllm_sync_group)
+    trainer.broadcast_to_vllm = hooks.wrap_with_heartbeat(trainer.broadcast_to_vllm, "weight sync", after="step end")
+    trainer.broadcast_to_vllm = hooks.wrap_engine_calls(trainer.broadcast_to_vllm)  # a dead engine, named
 
 
 def _patch_ppo_trainer(ppo_trainer):
@@ -117,7 +119,11 @@ def _patch_samples_generator(samples_generator):
 
     generator = samples_generator.SamplesGenerator
     generator.generate_samples = hooks.wrap_generate_samples(generator.generate_samples)
+    generator.generate_samples = hooks.wrap_engine_calls(generator.generate_samples)  # a dead engine, named
     generator._dispatch_prompts_to_vllm = tokenizer_once.wrap_dispatch_prompts(generator._dispatch_prompts_to_vllm)
+    # every response processed (training rollouts and validation alike) is progress for the watchdog
+    generator._process_response_into_experience = hooks.wrap_with_heartbeat(
+        generator._process_response_into_experience, "generation")
     # ngrpo's refill loop only where a group filter needs it: without one, OpenRLHF's own loop
     # generates (the rewards are checked before the advantages, hooks.wrap_compute_advantages).
     if patch_config.active().group_filter != "none" and not getattr(generator._generate_vllm, "_ngrpo", False):

@@ -9,8 +9,9 @@ of the tiny model's step.
 
 The decision is taken from the run's configuration, before any rollout, as TRL's is from
 num_iterations (`deferral_blocker`, `one_step_blocker`): reuse iff --old-log-probs reuse-on-policy,
-no critic, no KL penalty in the reward, no vLLM importance-sampling correction, no dynamic batching,
-ring attention or tensor parallelism, one epoch, a train batch of exactly the rollout's samples,
+no critic, no KL penalty in the reward, no vLLM importance-sampling correction, no asynchronous
+training (its rollouts are one step off-policy), no dynamic batching, ring attention or tensor
+parallelism, one epoch, a train batch of exactly the rollout's samples,
 an estimator that trains on every sample (PSR and NSR drop some), and micro-batches that split
 evenly over the policy's ranks. Any other configuration (the paper preset's 4 optimizer steps per
 rollout, for one) runs OpenRLHF's make_experience_batch unchanged at every step.
@@ -62,8 +63,12 @@ def deferral_blocker(args, maker) -> Optional[str]:
         return "a KL penalty in the reward (it needs the policy's log-probs)"
     if args.algo.advantage.is_correction_level != "off":
         return "vLLM importance-sampling correction"
-    if args.train.dynamic_batch_enable or args.train.async_enable:
-        return "dynamic batching or asynchronous training"
+    if args.train.async_enable:
+        # OpenRLHF's generator actor makes rollout k+1 while the trainer steps on rollout k: a
+        # rollout reaches training after the weights that generated it have moved.
+        return "asynchronous training: its rollouts are generated one step behind the weights they train"
+    if args.train.dynamic_batch_enable:
+        return "dynamic batching (the optimizer steps where the token budget says, not once per rollout)"
     if args.ds.ring_attn_size != 1 or args.ds.tensor_parallel_size != 1:
         return "ring attention or tensor parallelism"
     return one_step_blocker(args)

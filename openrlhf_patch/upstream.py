@@ -51,7 +51,7 @@ SYMBOLS = (
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._dispatch_prompts_to_vllm",
            "wrapped"),  # and called by hooks.py; tokenizer_once.py wraps it
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._process_response_into_experience",
-           "called"),
+           "wrapped"),  # a heartbeat per response; and called by hooks.py
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "_collect_prompt_batch", "called"),
     Symbol("openrlhf.utils.deepspeed.deepspeed", "get_train_ds_config", "wrapped"),
     # openrlhf_patch/old_log_probs.py
@@ -63,7 +63,7 @@ SYMBOLS = (
     # openrlhf_patch/cpu_mode.py
     Symbol("openrlhf.utils.distributed_util", "stateless_init_process_group", "replaced"),
     Symbol("openrlhf.trainer.ray.ppo_actor", "stateless_init_process_group", "replaced"),
-    Symbol("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer.broadcast_to_vllm", "wrapped"),
+    Symbol("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer.broadcast_to_vllm", "wrapped"),  # and hooks.py's heartbeat
     Symbol("openrlhf.trainer.ray.ppo_actor", "torch_dist_barrier_and_cuda_sync", "called"),
     Symbol("openrlhf.trainer.ppo_utils.replay_buffer", "NaiveReplayBuffer.__init__", "wrapped"),
     Symbol("openrlhf.utils.deepspeed.deepspeed", "init_device_mesh", "wrapped"),

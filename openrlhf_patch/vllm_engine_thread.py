@@ -117,8 +117,10 @@ def run_engine_core_in_thread() -> None:
     def get_mp_context():
         return _ThreadContext()
 
+    from openrlhf_patch import touchpoints
+
     get_mp_context._ngrpo_thread = True
-    engine_utils.get_mp_context = get_mp_context
-    core.signal = _SignalModule()
-    core.set_process_title = _leave_the_process_as_is
-    core.decorate_logs = _leave_the_process_as_is
+    touchpoints.patch("vllm.v1.engine.utils.get_mp_context", get_mp_context, owner=engine_utils)
+    touchpoints.patch("vllm.v1.engine.core.signal", _SignalModule(), owner=core)
+    touchpoints.patch("vllm.v1.engine.core.set_process_title", _leave_the_process_as_is, owner=core)
+    touchpoints.patch("vllm.v1.engine.core.decorate_logs", _leave_the_process_as_is, owner=core)

@@ -97,32 +97,52 @@ def launch_console(run_dir, *, total_steps: Optional[int], start_step: int = 0, 
     and show ngrpo's progress on the terminal meanwhile. Yields the log's path."""
     run_dir = Path(run_dir)
     log_path = next_log_path(run_dir)
+    with output_to_log(log_path, verbose=verbose) as terminal:
+        progress = _Progress(run_dir, terminal, total_steps, start_step)
+        progress.start()
+        try:
+            yield log_path
+        finally:
+            progress.stop_event.set()
+            progress.join(timeout=5)
+
+
+@contextlib.contextmanager
+def output_to_log(log_path: Path, verbose: bool = False):
+    """For the block, file descriptors 1 and 2 of this process (and of every child it starts) write
+    to LOG_PATH; yields a text stream onto the real terminal (stderr) for ngrpo's own lines.
+    VERBOSE also copies the log to the terminal live."""
     sys.stdout.flush()
     sys.stderr.flush()
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1, encoding="utf-8", errors="replace")
+    try:
+        sys.stderr.fileno()
+        terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1, encoding="utf-8", errors="replace")
+        own_terminal = True
+    except (AttributeError, OSError, ValueError):  # a stream of Python's own (click's CliRunner): write to it
+        terminal, own_terminal = sys.stderr, False
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     for fd in (1, 2):
         os.dup2(log_fd, fd)
     os.close(log_fd)
-    threads = [_Progress(run_dir, terminal, total_steps, start_step)]
-    if verbose:
-        threads.append(_Tail(log_path, terminal))
-    for t in threads:
-        t.start()
+    tail = _Tail(Path(log_path), terminal) if verbose else None
+    if tail:
+        tail.start()
     try:
-        yield log_path
+        yield terminal
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for t in threads:
-            t.stop_event.set()
-        for t in threads:
-            t.join(timeout=5)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # a full disk: the log takes no more, the terminal must come back
+                stream.flush()
+        if tail:
+            tail.stop_event.set()
+            tail.join(timeout=5)
         for fd, copy in saved.items():
             os.dup2(copy, fd)
             os.close(copy)
-        terminal.close()
+        if own_terminal:
+            terminal.close()
 
 
 def log_tail(log_path, lines: int = ERROR_TAIL_LINES) -> str:

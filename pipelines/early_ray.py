@@ -25,11 +25,17 @@ state API is used) and the log monitor, which becomes a thread of the driver (`_
 loop of Ray's `LogMonitor.run` with a stop), so that workers' lines still reach the run's log.
 And the raylet's dashboard agent (metrics export, the dashboard's node API, job submission: ~80 MB)
 is a stand-in that tells the raylet those services are off (pipelines/ray_agent_stand_in.py).
+
+A private node is the run's alone (`_private_node_class`, docs/RUNNING.md "The run's own Ray
+node"), early or not: it has the loopback address, so that every TCP server of the node listens on
+127.0.0.1 only, and Ray's token authentication with a token of its own, so that another process of
+this machine cannot join it; the process's settings are as before once the node is shut down.
 """
 import atexit
 import contextlib
 import copy
 import logging
+import os
 import sys
 import threading
 import time
@@ -54,6 +60,7 @@ def _ray_builds_nodes_with(make_builder):
     """Inside, ray.init builds its Node with `make_builder(Ray's own Node class)`."""
     from ray._private import node as ray_node
 
+    _disarm()  # the node built here is made private by early_ray itself
     build = ray_node.Node
     ray_node.Node = make_builder(build)
     try:
@@ -66,7 +73,7 @@ def _lean_node_class(node_class):
     """Ray's Node that starts no autoscaler monitor, log monitor or API server on the head. Ray
     runs on without an API server (the state a failed one leaves: a warning, no dashboard URL)."""
 
-    class _LeanNode(node_class):
+    class _LeanNode(_private_node_class(node_class)):
         def __init__(self, ray_params, *args, head=False, **kwargs):
             if head:
                 ray_params.no_monitor = True
@@ -245,9 +252,10 @@ class EarlyNode:
         if self.node is not None:
             from ray._private import worker
 
-            self.node.kill_all_processes(check_alive=False, allow_graceful=True)
+            self.node.kill_all_processes(check_alive=False, allow_graceful=True)  # releases the node
             if worker._global_node is self.node:
                 worker._global_node = None
+        release_private_node()  # also when none came up
         self.release()
 
     def release(self):
@@ -266,27 +274,192 @@ def start(node_kwargs: dict) -> EarlyNode:
     except ImportError:
         pass
     discard()
+    if is_private(node_kwargs):
+        # here, not in the node's thread (`_PrivateNode` then finds it done): the environment is
+        # not changed while this thread goes on, whose C libraries may read it meanwhile
+        secure_private_node()
     _early["node"] = EarlyNode(node_kwargs)
     return _early["node"]
 
 
 def take(node_kwargs: dict) -> Optional[EarlyNode]:
     """The node started early when its settings are NODE_KWARGS and it came up, else None (a node
-    started with other settings, or one that failed, is stopped)."""
+    started with other settings, or one that failed, is stopped). The launch calls it right before
+    its ray.init: where None comes back for a private node (address "local"), the node that
+    ray.init starts next in this process is made private as an early one is (`_arm_private_node`)."""
     early, _early["node"] = _early["node"], None
-    if early is None:
-        return None
-    if early.node_kwargs == node_settings(node_kwargs) and early.ready():
-        return early
-    early.stop()
+    if early is not None:
+        if early.node_kwargs == node_settings(node_kwargs) and early.ready():
+            return early
+        early.stop()
+    if is_private(node_kwargs):
+        _arm_private_node()
     return None
 
 
 def discard() -> None:
     """Stop a node started early that no launch took (a check failed after it started)."""
+    _disarm()  # a take() whose ray.init never came
     early, _early["node"] = _early["node"], None
     if early is not None:
         early.stop()
+
+
+# --- The run's node is the run's alone ---------------------------------------------------------------
+#
+# Ray (2.55) binds a node's TCP servers to every interface (the gRPC servers of the GCS, the raylet
+# and its object manager, each worker and the driver; the agents' and monitors' metrics and HTTP
+# servers), the runtime env agent to the machine's address, unless the node's IP address is the
+# loopback one: then each of them listens on 127.0.0.1 (measured: tests/test_private_ray_node.py).
+# `ray.init(_node_ip_address="127.0.0.1")` cannot ask for it: Ray swaps a loopback address for the
+# machine's own (`services.resolve_ip_for_localhost`) on Linux, so the private node's class sets it.
+# Loopback still lets any process of the machine in (the GCS runs whatever a connected driver
+# submits), so the node also gets Ray's token authentication (RAY_AUTH_MODE=token): every gRPC
+# server of the node and the agents' HTTP APIs refuse a request without the node's token, a fresh
+# random one per node (the read-only metrics ports do not ask for it).
+LOOPBACK = "127.0.0.1"
+AUTH_MODE_ENV, TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+TOKEN_FOLDER_PREFIX = "ngrpo-ray-auth-"
+_secured = {"pid": None, "folder": None, "env": None}  # the node's token folder; the settings it replaced
+
+
+def is_private(node_kwargs: dict) -> bool:
+    """NODE_KWARGS start a run's private node (training.local_node_kwargs), not join a cluster."""
+    return node_kwargs.get("address") == "local"
+
+
+def _private_node_class(node_class):
+    """Ray's Node, as the head of a private node: on the loopback address, secured before its
+    processes start (`secure_private_node`), and released when they are killed (ray.shutdown)."""
+
+    class _PrivateNode(node_class):
+        def __init__(self, ray_params, *args, head=False, **kwargs):
+            if head:
+                ray_params.node_ip_address = LOOPBACK
+                secure_private_node()
+            super().__init__(ray_params, *args, head=head, **kwargs)
+
+        def kill_all_processes(self, *args, **kwargs):
+            try:
+                return super().kill_all_processes(*args, **kwargs)
+            finally:
+                release_private_node()
+
+    return _PrivateNode
+
+
+_armed = {"build": None}  # Ray's own Node class while the next head node is to be private
+
+
+def _arm_private_node() -> None:
+    """The next node `ray.init` starts in this process (the launch's) is a private one; Ray's Node
+    class is itself again as soon as it is built, or when early_ray builds a node itself or
+    `discard` runs. Nodes built otherwise (`ray.cluster_utils.Cluster`'s) are Ray's own."""
+    from ray._private import node as ray_node
+
+    if _armed["build"] is not None:
+        return
+    build = _armed["build"] = ray_node.Node
+    private = _private_node_class(build)
+
+    def build_once(*args, **kwargs):
+        if not (kwargs.get("head") and kwargs.get("ray_init_cluster")):  # how ray.init starts one
+            return build(*args, **kwargs)
+        _disarm()
+        return private(*args, **kwargs)
+
+    ray_node.Node = build_once
+
+
+def _disarm() -> None:
+    build, _armed["build"] = _armed["build"], None
+    if build is not None:
+        from ray._private import node as ray_node
+
+        ray_node.Node = build
+
+
+def secure_private_node() -> str:
+    """Token authentication for the private node about to start: a fresh random token in a file
+    only this user can read, named to Ray by RAY_AUTH_TOKEN_PATH (with RAY_AUTH_MODE=token) in
+    this process's environment, which the node's processes inherit; the token itself is in no
+    environment. Until `release_private_node`; a second call meanwhile changes nothing. Returns
+    the token file's path."""
+    if _secured["folder"] is None or _secured["pid"] != os.getpid():  # a forked child: its own
+        names = (AUTH_MODE_ENV, TOKEN_ENV, TOKEN_PATH_ENV)
+        folder = _new_token_folder()
+        _secured.update(pid=os.getpid(), folder=folder, env={k: os.environ.get(k) for k in names})
+        os.environ.update({AUTH_MODE_ENV: "token", TOKEN_PATH_ENV: os.path.join(folder, "token")})
+        os.environ.pop(TOKEN_ENV, None)  # Ray reads RAY_AUTH_TOKEN before the file
+        _reload_ray_auth_settings()
+    return os.path.join(_secured["folder"], "token")
+
+
+def release_private_node() -> None:
+    """Once the private node's processes are gone: this process's Ray settings as they were
+    before `secure_private_node`, and the token gone."""
+    import shutil
+
+    if _secured["folder"] is None or _secured["pid"] != os.getpid():
+        return
+    for name, value in _secured["env"].items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    shutil.rmtree(_secured["folder"], ignore_errors=True)
+    _secured.update(folder=None, env=None)
+    _reload_ray_auth_settings()
+
+
+def _new_token_folder() -> str:
+    """A new folder only this user can enter (mkdtemp: 0700) with a fresh random token (Ray's own
+    kind: 256 bits, hex) in a file only this user can read (0600). It goes with the node, or when
+    this process exits; the folders of this user's processes that were killed go with the next."""
+    import secrets
+    import shutil
+    import tempfile
+
+    _remove_dead_token_folders()
+    folder = tempfile.mkdtemp(prefix=f"{TOKEN_FOLDER_PREFIX}{os.getpid()}-")
+    fd = os.open(os.path.join(folder, "token"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    pid = os.getpid()
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(folder, ignore_errors=True))
+    return folder
+
+
+def _remove_dead_token_folders() -> None:
+    """The token folders (TOKEN_FOLDER_PREFIX<pid>-...) this user's processes left when they were
+    killed: the nodes they guarded died with them."""
+    import glob
+    import shutil
+    import tempfile
+
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), f"{TOKEN_FOLDER_PREFIX}*-*")):
+        pid = os.path.basename(folder)[len(TOKEN_FOLDER_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or os.stat(folder).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # gone meanwhile, or alive as another user's process
+            continue
+
+
+def _reload_ray_auth_settings() -> None:
+    """This process's Ray reads the authentication settings anew (as Ray's own tests do after they
+    change them): its C++ config reads RAY_AUTH_MODE when initialised, and it keeps the first
+    token it loaded. Not while a driver is connected: its settings are the ones it connected with."""
+    import ray
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if ray.is_initialized():
+        return
+    AuthenticationTokenLoader.instance().reset_cache()
+    Config.initialize("")
 
 
 atexit.register(discard)

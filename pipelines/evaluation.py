@@ -18,9 +18,11 @@ the same tokenizer, so greedy decoding gives identical texts when the logits agr
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -308,6 +310,8 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
+        from openrlhf_patch.cpu_mode import vllm_scratch_dir
+
         kwargs = dict(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
         if on_gpu:
@@ -317,7 +321,13 @@ class VLLMBackend:
             # (`set_offset`), which CPU generators do not support ("CPU Generator does not use
             # offset"): with per-sample seeds, whole prefills only.
             kwargs.update(enable_chunked_prefill=False)
-        self.llm = LLM(**kwargs)
+        self._scratch = contextlib.ExitStack()  # vLLM's temp files, removed by close() or if this process is killed
+        try:
+            with _vllm_temp_folder(self._scratch.enter_context(vllm_scratch_dir())):
+                self.llm = LLM(**kwargs)
+        except BaseException:
+            self._scratch.close()
+            raise
         self.max_len = max_model_len
 
     def generate(self, requests: list, eos_ids: set, pad_id: int, temperature: float, top_p: float,
@@ -347,6 +357,37 @@ class VLLMBackend:
                 core.shutdown()
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
+        if getattr(self, "_scratch", None) is not None:
+            self._scratch.close()
+
+
+@contextlib.contextmanager
+def _vllm_temp_folder(path: str):
+    """The temp folder is PATH while vLLM builds its engine: the files and sockets it makes then
+    (`vllm_dist_*` FileStore, ZMQ IPC sockets; a GPU engine-core process inherits TMPDIR) go there,
+    not into the user's temp folder, where a killed eval left them. torch.compile's cache stays
+    where it was (it is reused across evals)."""
+    import tempfile
+
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "VLLM_RPC_BASE_PATH", "TORCHINDUCTOR_CACHE_DIR")}
+    saved_tempdir = tempfile.tempdir
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    except Exception:  # noqa: BLE001 - another torch: its cache follows the temp folder
+        pass
+    tempfile.tempdir = path
+    os.environ.update(TMPDIR=path, VLLM_RPC_BASE_PATH=path)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved_tempdir
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def model_max_len(model: str, trust_remote_code: bool = False) -> Optional[int]:
@@ -446,7 +487,14 @@ def foreign_files(out_dir: Path) -> list:
         return []
     ours = (out_dir / CONFIG_FILE).is_file()
     return sorted(child.name + ("/" if child.is_dir() else "") for child in out_dir.iterdir()
-                  if not (ours and (child.name in EVAL_FILES or child.name.startswith(f".{SAMPLES_FILE}.tmp-"))))
+                  if not (ours and (child.name in EVAL_FILES or child.name.startswith(f".{SAMPLES_FILE}.tmp-")))
+                  and not _only_eval_logs(child))
+
+
+def _only_eval_logs(path: Path) -> bool:
+    """OUT_DIR/logs/ holding nothing but eval-N.log files (eval writes them before anything else)."""
+    return path.name == "logs" and path.is_dir() and all(
+        p.is_file() and re.fullmatch(r"eval-\d+\.log", p.name) for p in path.iterdir())
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -490,8 +538,11 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
              chunk_size: int = 256, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
              max_model_len: Optional[int] = None, save_token_ids: bool = False, overwrite: bool = False,
              trust_remote_code: bool = False, progress: Optional[bool] = None, answer_extraction: str = "boxed",
-             vllm_compile: str = "auto", log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-    """Generate the missing samples, grade them, write samples/summary. Returns the summary dict."""
+             vllm_compile: str = "auto", log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+             quiet: bool = False, verbose: bool = False) -> dict:
+    """Generate the missing samples, grade them, write samples/summary. Returns the summary dict.
+    QUIET (the CLI): vLLM's, torch's and every library's output goes to OUT_DIR/logs/eval-N.log,
+    while LOG's lines, the progress bar and the table reach the terminal (VERBOSE: the log too)."""
     from pipelines.data import default_data_dir
 
     if n < 1:
@@ -508,7 +559,43 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
         check_out_dir(out_dir, overwrite)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    problems = _load_benchmarks(benchmarks, data_dir or default_data_dir(), limit)
+    if not quiet:
+        return _evaluate(model, model_path, benchmarks, out_dir, backend, n, temperature, top_p, max_new_tokens, seed,
+                         limit, data_dir or default_data_dir(), dtype, batch_size, chunk_size, tensor_parallel_size,
+                         gpu_memory_utilization, max_model_len, save_token_ids, overwrite, trust_remote_code,
+                         progress, answer_extraction, vllm_compile, log, sys.stderr)
+    from pipelines.console import output_to_log
+
+    log_path = _next_log(out_dir)
+    try:
+        with output_to_log(log_path, verbose=verbose) as terminal:
+            say = lambda s: print(s, file=terminal, flush=True)  # noqa: E731
+            return _evaluate(model, model_path, benchmarks, out_dir, backend, n, temperature, top_p, max_new_tokens,
+                             seed, limit, data_dir or default_data_dir(), dtype, batch_size, chunk_size,
+                             tensor_parallel_size, gpu_memory_utilization, max_model_len, save_token_ids, overwrite,
+                             trust_remote_code, progress, answer_extraction, vllm_compile, say, terminal)
+    except EvalError as err:
+        raise EvalError(f"{err} (full log: {log_path})") from None
+    except Exception as err:  # noqa: BLE001 - a library's failure: one line here, its traceback in the log
+        import traceback
+
+        with open(log_path, "a") as f:
+            traceback.print_exc(file=f)
+        raise EvalError(f"{type(err).__name__}: {err} (full log: {log_path})") from err
+
+
+def _next_log(out_dir: Path) -> Path:
+    logs = out_dir / "logs"
+    n = 1 + max((int(p.stem.split("-")[-1]) for p in logs.glob("eval-*.log") if p.stem.split("-")[-1].isdigit()),
+                default=0)
+    return logs / f"eval-{n}.log"
+
+
+def _evaluate(model, model_path, benchmarks, out_dir, backend, n, temperature, top_p, max_new_tokens, seed, limit,
+              data_dir, dtype, batch_size, chunk_size, tensor_parallel_size, gpu_memory_utilization, max_model_len,
+              save_token_ids, overwrite, trust_remote_code, progress, answer_extraction, vllm_compile, log,
+              bar_file) -> dict:
+    problems = _load_benchmarks(benchmarks, data_dir, limit)
     settings = EvalSettings(model=model_path, temperature=float(temperature), top_p=float(top_p),
                             max_new_tokens=int(max_new_tokens), seed=int(seed), answer_extraction=answer_extraction)
     samples_path = out_dir / SAMPLES_FILE
@@ -529,7 +616,7 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
             max_model_len=max_model_len, batch_size=batch_size, chunk_size=chunk_size,
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             save_token_ids=save_token_ids, trust_remote_code=trust_remote_code, vllm_compile=vllm_compile,
-            progress=True if progress is None else progress, log=log))
+            progress=True if progress is None else progress, log=log, bar_file=bar_file))
 
     summary = {"settings": {**asdict(settings), "n": n, "backend": backend, "dtype": dtype, "limit": limit,
                             "model_spec": model},
@@ -545,7 +632,7 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
 
 def _generate_pending(pending, problems, model_path, settings, done, samples_path, *, backend, dtype, max_model_len,
                       batch_size, chunk_size, tensor_parallel_size, gpu_memory_utilization, save_token_ids,
-                      trust_remote_code, progress, log, vllm_compile) -> dict:
+                      trust_remote_code, progress, log, vllm_compile, bar_file=None) -> dict:
     """Generate and grade the PENDING samples (adding them to DONE and samples.jsonl)."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -568,7 +655,7 @@ def _generate_pending(pending, problems, model_path, settings, done, samples_pat
                            gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code, log=log,
                            vllm_compile=vllm_compile, n_requests=len(requests))
     bar = tqdm(total=len(requests), desc=f"generating and grading ({backend})", unit="sample", disable=not progress,
-               file=sys.stderr)
+               file=bar_file or sys.stderr)
     try:
         n_tokens, t_gen = _generate_and_grade(engine, tok, requests, gold, eos_token_ids(model_path, tok), pad_id,
                                               settings, chunk_size, samples_path, save_token_ids, done, bar)

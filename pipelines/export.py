@@ -136,11 +136,13 @@ def resolve_source(source, step: Optional[int] = None, final: bool = False) -> S
             if not hf.is_dir():
                 raise ExportError(f"{hf} is missing: the run has not saved a final model (export a DeepSpeed "
                                   "checkpoint instead: leave out --final)")
+            _inside(hf, path, "the run's final model")
             return Source("hf", hf, step=manifest.get("global_step"), run_dir=path, manifest=manifest)
         ckpt = path / "checkpoints" / "_actor"
         if not ckpt.is_dir():
             raise ExportError(f"{ckpt} is missing: the run saved no DeepSpeed checkpoint (use --final for "
                               "final_model/)")
+        _inside(ckpt, path, "the run's checkpoints")
         return _deepspeed_source(ckpt, step, run_dir, manifest)
     if final:
         raise ExportError(f"--final needs a run directory; {path} has no {rundir.MANIFEST}")
@@ -186,10 +188,24 @@ def _deepspeed_source(ckpt_dir: Path, step, run_dir, manifest, tag: Optional[str
         tag = latest.read_text().strip()
         if not tag:
             raise ExportError(f"{latest} is empty: it should name the latest checkpoint (e.g. global_step2)")
+        if not TAG_RE.match(tag):  # a tag like ../../x would make the export read outside the checkpoints
+            raise ExportError(f"{latest} names {tag!r}, not a checkpoint of this folder (global_stepN); "
+                              f"pick one with --step N (checkpoints there: {listing})")
         if not (ckpt_dir / tag).is_dir():
             raise ExportError(f"{latest} names {tag!r} but {ckpt_dir / tag} does not exist "
                               f"(checkpoints there: {listing})")
+    _inside(ckpt_dir / tag, ckpt_dir, f"checkpoint {tag}")
     return Source("deepspeed", ckpt_dir, tag=tag, step=_step_from_name(tag), run_dir=run_dir, manifest=manifest)
+
+
+def _inside(path: Path, folder: Path, what: str) -> None:
+    """An export reads a run's (or a checkpoint folder's) files only: PATH, symlinks followed,
+    and every file under it must stay inside FOLDER."""
+    top = folder.resolve()
+    for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else [])]:
+        target = p.resolve()
+        if target != top and top not in target.parents:
+            raise ExportError(f"{p} ({what}) leads to {target}, outside {top}; an export reads only inside it")
 
 
 def _model_states_files(tag_dir: Path) -> List[Path]:

@@ -259,11 +259,32 @@ def resolve_model(spec, *, allow_run_dir: bool = True, require_tokenizer: bool =
                   log=lambda msg: None, trust_remote_code: Optional[bool] = None) -> ResolvedModel:
     """Resolve a model spec (see the module docstring); raises ModelError with one line to act on.
     With TRUST_REMOTE_CODE False, a model that names custom code is refused (check_remote_code);
-    None leaves that to the caller (a command that does not load the model)."""
+    None leaves that to the caller (a command that does not load the model). A command that
+    loads the model (TRUST_REMOTE_CODE not None) also refuses pickled weights (check_weights_format)."""
     resolved = _resolve(spec, allow_run_dir=allow_run_dir, require_tokenizer=require_tokenizer, log=log)
     if trust_remote_code is not None:
         check_remote_code(resolved.path, trust_remote_code)
+        check_weights_format(resolved.path)
     return resolved
+
+
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weights_format(model_path) -> None:
+    """A local model folder whose weights exist only as PyTorch pickles (pytorch_model*.bin) is
+    refused before anything starts, naming the file: loading them means unpickling, which
+    transformers refuses deep in the launch with an error that names no file. Hub ids are the
+    Hub's to serve (transformers prefers their safetensors)."""
+    folder = Path(str(model_path)).expanduser()
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickled = sorted(p.name for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
+    if pickled:
+        raise ModelError(f"{folder / pickled[0]}: the weights are a PyTorch pickle (.bin), which ngrpo does not load "
+                         "(unpickling runs code); save the model as safetensors first, e.g. "
+                         "`AutoModelForCausalLM.from_pretrained(PATH).save_pretrained(OUT, safe_serialization=True)` "
+                         "in a session you trust")
 
 
 def _resolve(spec, *, allow_run_dir: bool, require_tokenizer: bool, log) -> ResolvedModel:

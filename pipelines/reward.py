@@ -25,6 +25,12 @@ Environment (set by ``ngrpo train``): ``NGRPO_ANSWER_EXTRACTION`` "boxed" (defau
 (pipelines.grading.extract_answer); ``NGRPO_USER_REWARD_FILE`` the user's reward file (and
 ``NGRPO_USER_REWARD_COPY`` its copy in Ray's working_dir, for nodes without the original);
 ``NGRPO_RUN_DIR`` where a failure of the user's function is written (logs/reward_error.txt).
+
+A failing user function is logged once per process with its traceback (a deep one cut to its
+first and last frames); the same error again is only counted, in a line at the 10th, 100th, ...
+time. A reward_func that calls ngrpo's entry (this module's reward_func), which calls it again,
+is stopped at once with an error that says so: before, every level of that recursion printed
+its traceback, 600 MB of run log and 430 MB of Ray logs in under two minutes.
 """
 import functools
 import importlib.util
@@ -99,7 +105,17 @@ def _check_output(out, n: int) -> None:
         raise ValueError(f"reward_func returned {size} rewards for {n} queries")
 
 
+_calls = threading.local()  # is this thread inside the user's reward_func (its re-entry is endless recursion)
+_seen = {}                  # (exception type, where it was raised) -> times this process saw it
+TRACEBACK_HEAD, TRACEBACK_TAIL = 8, 4  # frames kept of a longer traceback
+
+
 def _call_user_reward(path, queries, prompts, labels, **kwargs):
+    if getattr(_calls, "inside", False):
+        raise RecursionError(
+            f"reward_func in {path} calls ngrpo's reward entry (pipelines.reward.reward_func), which calls it "
+            "again: endless recursion. For ngrpo's own reward, call pipelines.reward.math_verify_reward")
+    _calls.inside = True
     try:
         out = _load_user_reward(path)(queries, prompts, labels, **kwargs)
         _check_output(out, len(queries))
@@ -107,12 +123,52 @@ def _call_user_reward(path, queries, prompts, labels, **kwargs):
     except Exception:
         record_error(path)
         raise
+    finally:
+        _calls.inside = False
+
+
+def format_error(exc: BaseException, head: int = TRACEBACK_HEAD, tail: int = TRACEBACK_TAIL) -> str:
+    """EXC's traceback as Python prints it, each stack of more than HEAD + TAIL frames cut to its
+    first HEAD and last TAIL (a recursion has ~1,000)."""
+    out, frames = [], []
+
+    def flush():
+        if len(frames) > head + tail + 1:
+            frames[head:len(frames) - tail] = [f"  ... {len(frames) - head - tail} frames left out ...\n"]
+        out.extend(frames)
+        frames.clear()
+
+    for chunk in traceback.TracebackException.from_exception(exc).format():
+        if chunk.startswith(("  File ", "  [Previous line repeated")):
+            frames.append(chunk)
+        else:
+            flush()
+            out.append(chunk)
+    flush()
+    return "".join(out)
+
+
+def _where(exc: BaseException) -> tuple:
+    """The exception's type and the places of its traceback: what makes two failures the same."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return (type(exc).__qualname__, tuple((f.filename, f.lineno) for f in frames[:TRACEBACK_HEAD]),
+            tuple((f.filename, f.lineno) for f in frames[-TRACEBACK_TAIL:]))
 
 
 def record_error(path) -> None:
     """Write the user's traceback to RUN_DIR/logs/reward_error.txt (first failure only) and stderr:
-    the trainer puts it into the run's error, which the CLI shows first."""
-    text = f"the reward function in {path} failed:\n{traceback.format_exc()}"
+    the trainer puts it into the run's error, which the CLI shows first. The same error again (same
+    type, raised at the same place) is counted, not printed: a line at its 10th, 100th, ... time."""
+    exc = sys.exc_info()[1]
+    key = _where(exc)
+    with _error_lock:
+        seen = _seen[key] = _seen.get(key, 0) + 1
+    if seen > 1:
+        if seen in (10, 100, 1000) or seen % 10_000 == 0:
+            print(f"[ngrpo] the reward function in {path} failed again the same way ({type(exc).__name__}): "
+                  f"{seen} times so far in this process", file=sys.stderr, flush=True)
+        return
+    text = f"the reward function in {path} failed:\n{format_error(exc)}"
     print(text, file=sys.stderr, flush=True)
     run_dir = os.environ.get(RUN_DIR_ENV)
     if run_dir:

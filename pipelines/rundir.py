@@ -1,6 +1,7 @@
 """The run directory of `ngrpo train`: its layout, its manifest, and how its logs are read.
 
     ngrpo_run.json      manifest: model, algorithm, resolved recipe, OpenRLHF argv, patch config, status
+    .ngrpo_run.json.spare  64 KiB kept free for the manifest's last word on a full disk (write_manifest)
     data/train.jsonl    the training prompts, with the full chat prompt the model sees, and answers
     data/eval.jsonl     the in-training validation prompts (with --eval-data)
     checkpoints/        DeepSpeed checkpoints (OpenRLHF's ckpt.path; `_actor/global_stepN`, `latest`)
@@ -8,12 +9,16 @@
     metrics.jsonl       one JSON line of metrics per logged training step
     eval_metrics.jsonl  one JSON line per in-training validation
     progress.json       the training steps completed so far (written by the trainer actor)
+    heartbeat.json      the stage a step is in, rewritten as it moves (the stall watchdog's, pipelines/watchdog.py)
     logs/               the full Ray, vLLM and DeepSpeed output of each launch
+    reward_file.py      the copy of a user's --reward-file made at launch (what a resume runs)
     eval/               `ngrpo eval` of the final model (its default output folder)
 
 Every reader of these files lives here, with one policy for damaged JSON lines (read_jsonl).
 """
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import time
@@ -30,6 +35,7 @@ EVAL_METRICS = "eval_metrics.jsonl"
 PROGRESS = "progress.json"
 LOGS = "logs"
 EVAL_DIR = "eval"
+REWARD_COPY = "reward_file.py"
 # Paths inside the run directory are stored in the manifest with this prefix, so that a copied
 # or moved run directory resumes into itself (pipelines.training substitutes it at launch).
 RUN_DIR_TOKEN = "${RUN_DIR}"
@@ -69,12 +75,84 @@ def read_manifest(run_dir) -> dict:
     return manifest
 
 
+MANIFEST_SPARE = f".{MANIFEST}.spare"
+SPARE_BYTES = 64 * 1024
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_manifest(run_dir, manifest: dict) -> None:
-    """Atomically (a reader never sees half a manifest)."""
-    path = Path(run_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, path)
+    """Atomically (a reader never sees half a manifest), and on a full disk too, where the status
+    it records matters most. Each run keeps a spare file of SPARE_BYTES beside its manifest
+    (MANIFEST_SPARE, made again by any later write that has room); when the disk has no room for
+    the new manifest the spare is given up for it. Where even that fails (no spare, or another
+    process took the room first) the new text overwrites the old manifest in place if it fits in
+    the blocks the old one already holds, which needs no new block; else the error is raised.
+    No temporary file is left behind."""
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST
+    text = json.dumps(manifest, indent=2, default=str)
+    try:
+        _replace(path, text)
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        spare = run_dir / MANIFEST_SPARE
+        try:
+            if spare.exists():
+                spare.unlink()
+                _replace(path, text)
+                return
+        except OSError as again:
+            if again.errno not in NO_SPACE:
+                raise
+        if not _overwrite_in_place(path, text.encode()):
+            raise
+    else:
+        _keep_spare(run_dir / MANIFEST_SPARE)
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _overwrite_in_place(path: Path, data: bytes) -> bool:
+    """DATA over PATH's bytes where it fits in the blocks PATH holds (no block to allocate)."""
+    try:
+        if len(data) > os.stat(path).st_blocks * 512:
+            return False
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate(len(data))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        return False
+    return True
+
+
+def _keep_spare(spare: Path) -> None:
+    try:
+        if spare.stat().st_size >= SPARE_BYTES:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        with open(spare, "wb") as f:
+            # written bytes hold real blocks (a sparse or compressed file would free nothing)
+            f.write(os.urandom(SPARE_BYTES))
+    except OSError:
+        with contextlib.suppress(OSError):
+            spare.unlink()
 
 
 class BadLine(ValueError):

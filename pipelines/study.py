@@ -12,14 +12,23 @@ eval`), so a study is exactly the runs a user would make by hand, one Ray instan
 Only the algorithm's recipe and the seed differ between runs; all evaluations share one set of
 settings and one sampling seed. The same command again skips what is finished, resumes an
 interrupted run from its checkpoint and refuses a changed plan unless overwrite is given.
+
+Ctrl-C (or SIGTERM) stops a study the way it stops `ngrpo train`: the child runs in a process
+group of its own, so the terminal's SIGINT reaches the study only, which passes one SIGINT on
+and waits (CHILD_STOP_S) while the child marks its run interrupted and shuts Ray down; a second
+Ctrl-C hurries it (SIGTERM), a third kills it. A study that dies takes its child along (the
+child gets SIGINT from the kernel, Linux), so no run trains on unseen.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -27,6 +36,8 @@ from typing import Callable, List, Optional
 from pipelines import rundir
 
 STUDY_FILE = "study.json"
+CHILD_STOP_S = 300.0  # a child told to stop (SIGINT) marks its run interrupted and shuts Ray down in this time
+CHILD_TERM_S = 60.0   # then SIGTERM (its second interrupt), then SIGKILL to its process group
 
 
 class StudyError(Exception):
@@ -134,21 +145,35 @@ class Study:
 
     # --------------------------------------------------------------------- child processes
     def _ngrpo(self, argv: List[str], log_name: str) -> int:
-        """Run `ngrpo ARGV` in a child process, its console into logs/LOG_NAME; returns its exit code."""
+        """Run `ngrpo ARGV` in a child process, its console into logs/LOG_NAME; returns its exit code.
+        Ctrl-C or SIGTERM while it runs: the child is stopped (stop_child), then KeyboardInterrupt."""
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
         with open(logs / log_name, "a") as out:
             out.write(f"\n$ ngrpo {' '.join(argv)}\n")
             out.flush()
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            return subprocess.run([sys.executable, "-m", "ngrpo_cli.main", *argv], stdout=out,
-                                  stderr=subprocess.STDOUT, env=env).returncode
+            with _sigterm_as_interrupt():
+                child = subprocess.Popen([sys.executable, "-m", "ngrpo_cli.main", *argv], stdout=out,
+                                         stderr=subprocess.STDOUT, env=env, preexec_fn=_child_setup(os.getpid()))
+                try:
+                    return child.wait()
+                except KeyboardInterrupt:
+                    stop_child(child, f"ngrpo {argv[0]} ({log_name})", self.log)
+                    raise
+                finally:
+                    end_process_group(child.pid)
 
     def _evaluate(self, model: str, out_dir: Path, entry: dict, log_name: str) -> None:
         if (out_dir / "summary.json").exists() and entry.get("status") == "finished":
             return
         started = time.time()
-        code = self._ngrpo(eval_argv(self.plan, model, out_dir), log_name)
+        try:
+            code = self._ngrpo(eval_argv(self.plan, model, out_dir), log_name)
+        except KeyboardInterrupt:
+            entry.update(status="interrupted", error="interrupted; the same command evaluates it again")
+            self.save()
+            raise
         entry.update(status="finished" if code == 0 else "failed", wall_time_s=round(time.time() - started, 1))
         if code != 0:
             entry["error"] = f"ngrpo eval exited with {code}; see logs/{log_name}"
@@ -166,11 +191,21 @@ class Study:
         else:
             shutil.rmtree(run, ignore_errors=True)  # a folder without a manifest holds nothing to keep
             argv = train_argv(self.plan, algo, seed, run)
-        code = self._ngrpo(argv, f"{name}.train.log")
+        try:
+            code = self._ngrpo(argv, f"{name}.train.log")
+        except KeyboardInterrupt:
+            entry.update(status="interrupted", wall_time_s=round(entry.get("wall_time_s", 0) + time.time() - started, 1),
+                         error="interrupted; the same command resumes it from its checkpoint",
+                         run_status=rundir.read_manifest(run).get("status") if rundir.is_run_dir(run) else None)
+            self.save()
+            raise
         entry["wall_time_s"] = round(entry.get("wall_time_s", 0) + time.time() - started, 1)
         entry["status"] = "trained" if code == 0 else "failed"
+        entry.pop("run_status", None)
         if code != 0:
             entry["error"] = f"ngrpo train exited with {code}; see logs/{name}.train.log"
+        else:
+            entry.pop("error", None)
         self.save()
 
     # --------------------------------------------------------------------- the study
@@ -216,3 +251,96 @@ class Study:
     @property
     def failed(self) -> List[str]:
         return [name for name, e in self.state["runs"].items() if e["status"] == "failed"]
+
+
+def _child_setup(parent_pid: int):
+    """preexec_fn of a study's child: a process group of its own (the terminal's Ctrl-C reaches the
+    study only), SIGINT back to its default (a study started with it ignored would pass on a Ctrl-C
+    the child ignores), and on Linux SIGINT when the study dies, however it dies (prctl
+    PR_SET_PDEATHSIG; the child ends as after Ctrl-C, its run interrupted: SIGTERM would not do, as
+    Ray's driver takes SIGTERM over and exits, which reads as a failed run). prctl is looked up
+    here, in the parent: the child only calls it."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = None
+
+    def setup():
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(1, int(signal.SIGINT), 0, 0, 0)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent_pid:  # the study died before that: do not start unseen
+                os._exit(1)
+
+    return setup
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM to the study, while a child runs, stops it like Ctrl-C (the main thread only)."""
+
+    def __enter__(self):
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            def handler(signum, frame):
+                raise KeyboardInterrupt(f"signal {signum}")
+
+            self.previous = signal.signal(signal.SIGTERM, handler)
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+
+
+def stop_child(child: subprocess.Popen, what: str, log: Callable[[str], None],
+               stop_s: float = CHILD_STOP_S, term_s: float = CHILD_TERM_S) -> None:
+    """Stop CHILD (in a process group of its own) as Ctrl-C stops `ngrpo` in a terminal: SIGINT, and
+    time to mark its run interrupted and shut Ray down; then SIGTERM; then SIGKILL to its group.
+    A further Ctrl-C goes to the next step at once."""
+    log(f"stopping {what}: it marks its run interrupted and shuts Ray down (Ctrl-C again to hurry it)")
+    started = time.time()
+    for sig, wait_s in ((signal.SIGINT, stop_s), (signal.SIGTERM, term_s), (signal.SIGKILL, 30.0)):
+        if child.poll() is not None:
+            break
+        try:
+            if sig == signal.SIGKILL:
+                os.killpg(child.pid, sig)
+            else:
+                child.send_signal(sig)
+        except OSError:
+            break
+        try:
+            child.wait(wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            log(f"{what} did not stop in {wait_s:.0f} s after {signal.Signals(sig).name}")
+        except KeyboardInterrupt:
+            log(f"Ctrl-C again: {what} is sent the next signal")
+    if child.poll() is None:  # a third Ctrl-C during the last wait
+        with contextlib.suppress(OSError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    log(f"{what} stopped in {time.time() - started:.1f} s (exit {child.returncode})")
+
+
+def end_process_group(pgid: int, grace_s: float = 5.0) -> None:
+    """What is left of an ended child's process group (PGID, the child's pid) gets GRACE_S to end on
+    its own, then SIGKILL: no Ray or vLLM process of a run outlives it (Ray's agents, orphaned by a
+    killed child, lingered ~100 s). A pid is not reused while it names a group, so this reaches the
+    child's own processes only."""
+    deadline = time.time() + grace_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except OSError:  # no process left in the group
+            return
+        if time.time() >= deadline:
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+

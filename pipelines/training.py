@@ -110,7 +110,8 @@ def build_openrlhf_argv(recipe: Recipe, *, model: str, layout: Layout, save_step
         "--ds.zero_stage": r.zero_stage,
         "--train.seed": r.seed,
         "--logger.logging_steps": 1,
-        # ngrpo's metrics.jsonl and progress lines ride on OpenRLHF's TensorBoard logger (hooks.py).
+        # ngrpo's metrics.jsonl and progress lines ride on OpenRLHF's TensorBoard logger (hooks.py);
+        # --wandb adds OpenRLHF's W&B logger (wandb_argv), which is handed the same metrics.
         "--logger.tensorboard_dir": f"{run}/tensorboard",
         "--actor.num_nodes": layout.nodes,
         "--actor.num_gpus_per_node": layout.gpus_per_node,
@@ -174,6 +175,18 @@ def build_openrlhf_argv(recipe: Recipe, *, model: str, layout: Layout, save_step
         else:
             out.append(str(value))
     return out + flags + list(extra)
+
+
+def wandb_argv(project: str, run_name: str) -> List[str]:
+    """OpenRLHF's flags for `ngrpo train --wandb PROJECT`, recorded with the launch's flags after `--`
+    (a resume rebuilds them from there). OpenRLHF's W&B logger turns on with a key; it gets a
+    placeholder, never the key (the command line is stored in the manifest and handed to W&B as the
+    run's config): wandb reads the key from WANDB_API_KEY (pipelines/features.py checks it is set).
+    The W&B logger gets the same step metrics as the TensorBoard one, ngrpo's diagnostics included."""
+    from pipelines.features import WANDB_KEY_FROM_ENV
+
+    return ["--logger.wandb.key", WANDB_KEY_FROM_ENV, "--logger.wandb.project", project,
+            "--logger.wandb.run_name", run_name]
 
 
 def materialise_argv(argv: List[str], run_dir) -> List[str]:
@@ -292,7 +305,9 @@ PRIVATE_RAY_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_f
 
 def local_node_kwargs(device: str, logical_gpus: int) -> dict:
     """ray.init's node settings for a run's private local Ray instance ("local": never whatever
-    cluster a `ray start` left registered on the machine)."""
+    cluster a `ray start` left registered on the machine). The node is the run's alone, on the
+    loopback address and with token authentication: early_ray makes it so, early or not (the
+    launch's early_ray.take before its ray.init)."""
     kwargs = {
         "address": "local",
         "include_dashboard": False,  # a private instance: its dashboard costs seconds and memory
@@ -424,12 +439,20 @@ def _launch(argv: List[str], kwargs: dict, patch_config: PatchConfig) -> None:
 
     from openrlhf_patch import cpu_layout
 
+    import signal
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     early = early_ray.take(kwargs)  # the node `ngrpo train` started while it checked the command line
     if early is not None:
         early.init(kwargs)
         print("[ngrpo] Ray's node was started while the command line was checked", file=sys.stderr, flush=True)
     else:
         ray.init(**kwargs)
+    if sigterm is _sigterm_as_interrupt:
+        # ray.init gives a driver its own SIGTERM handler (sys.exit), which would end the launch as
+        # "failed: SystemExit: 15" instead of interrupted with its checkpoint kept
+        signal.signal(signal.SIGTERM, sigterm)
     try:
         lean = patch_config.device == "cpu" and cpu_layout.lean_layout()
         if lean:
@@ -477,13 +500,16 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 def describe_failure(err: BaseException) -> str:
-    from openrlhf_patch.hooks import EngineStartError, RewardError
+    from openrlhf_patch.hooks import EngineDiedError, EngineStartError, RewardError, engine_death
 
     cause = root_cause(err)
     if isinstance(cause, RewardError):
         return str(cause).strip()  # written for the user, with the reward file's own traceback
     if isinstance(cause, EngineStartError):
         return f"{type(cause).__name__}: {str(cause).strip()}"  # written for the user, with vLLM's reason
+    died = str(cause).strip() if isinstance(cause, EngineDiedError) else engine_death(cause)
+    if died:
+        return died  # one line: "vLLM engine N died: " and Ray's cause
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 
@@ -494,14 +520,15 @@ def sigterm_as_interrupt():
     is marked interrupted and keeps its last checkpoint."""
     import signal
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def usable_checkpoint(run_dir, log=print) -> int:
@@ -551,14 +578,48 @@ def usable_checkpoint(run_dir, log=print) -> int:
     return fallback
 
 
-def execute_run(run_dir, manifest: dict, resume: bool = False, verbose: bool = False) -> dict:
+def _copy_reward_file(run_dir: Path, manifest: dict, reward_file: str) -> None:
+    """The launch keeps a copy of the user's reward file in the run, with its sha256 in the
+    manifest: a resume runs that copy, never a path the manifest names (pipelines/resume.py)."""
+    import shutil
+
+    from pipelines.resume import sha256_file
+
+    copy = run_dir / rundir.REWARD_COPY
+    shutil.copyfile(reward_file, copy)
+    manifest["reward_file"] = {"origin": str(reward_file), "sha256": sha256_file(copy)}
+
+
+def _mark_failed(run_dir: Path, manifest: dict, error: str) -> None:
+    manifest.update(status="failed", error=error, global_step=rundir.completed_steps(run_dir))
+    rundir.write_manifest(run_dir, manifest)
+
+
+def _fail_if_stalled(stall, run_dir: Path, manifest: dict) -> None:
+    """When the stall watchdog stopped the launch: the run's leftover processes killed, the run
+    marked failed, and RunFailed with the watchdog's one line."""
+    stalled = stall.stop()
+    if stalled:
+        stall.reap()
+        _mark_failed(run_dir, manifest, stalled)
+        raise RunFailed(f"training failed: {stalled}") from None
+
+
+def execute_run(run_dir, manifest: dict, resume: bool = False, verbose: bool = False,
+                patch_config: Optional[PatchConfig] = None) -> dict:
     """Launch (or resume) the run of RUN_DIR's manifest; the manifest's status follows it.
+    A resume gets PATCH_CONFIG and the manifest's command line as pipelines/resume.py rebuilt
+    them from the recorded recipe (never the stored settings as they are).
     Raises KeyboardInterrupt (Ctrl-C, SIGTERM) or RunFailed."""
     from pipelines.console import launch_console
 
     run_dir = Path(run_dir).resolve()
     argv = materialise_argv(manifest["openrlhf_argv"], run_dir)
-    patch_config = dataclasses.replace(PatchConfig(**manifest["patch_config"]), run_dir=str(run_dir))
+    if resume and patch_config is None:
+        raise ValueError("a resume runs the patch settings pipelines.resume rebuilt, not the stored ones")
+    patch_config = dataclasses.replace(patch_config or PatchConfig(**manifest["patch_config"]), run_dir=str(run_dir))
+    if not resume and patch_config.reward_file and patch_config.reward_file != DEFAULT_REWARD_FILE:
+        _copy_reward_file(run_dir, manifest, patch_config.reward_file)
     start = 0
     if resume:
         argv.append("--ckpt.load_enable")
@@ -570,13 +631,20 @@ def execute_run(run_dir, manifest: dict, resume: bool = False, verbose: bool = F
     manifest.update(status="running", started=time.time(), error=None)
     rundir.write_manifest(run_dir, manifest)
     log = None
+    from pipelines import disk_full, watchdog
+
+    # before launch_console takes the terminal: the watchdog warns there
+    stall = watchdog.Watchdog(run_dir, watchdog.timeout_of(patch_config),
+                              on_hard_stop=lambda line: _mark_failed(run_dir, manifest, line)).start()
     try:
         with sigterm_as_interrupt(), launch_console(run_dir, total_steps=planned_steps(manifest), start_step=start,
                                                     verbose=verbose) as log:
             manifest.setdefault("logs", []).append(str(log.relative_to(run_dir)))
             rundir.write_manifest(run_dir, manifest)
+            stall.announce()
             run_openrlhf(argv, patch_config)
     except KeyboardInterrupt:
+        _fail_if_stalled(stall, run_dir, manifest)
         manifest.update(status="interrupted", global_step=rundir.completed_steps(run_dir))
         rundir.write_manifest(run_dir, manifest)
         raise
@@ -584,11 +652,19 @@ def execute_run(run_dir, manifest: dict, resume: bool = False, verbose: bool = F
         from openrlhf_patch.hooks import RewardError
         from pipelines.console import log_tail
 
+        _fail_if_stalled(stall, run_dir, manifest)
+        full = disk_full.diagnose(err, run_dir)
+        if full is not None:  # one line; the manifest first (it has room kept), then the leftovers go
+            _mark_failed(run_dir, manifest, full.message(run_dir))
+            disk_full.clean_up(full, run_dir)
+            raise RunFailed(f"training failed: {manifest['error']}") from None
         manifest.update(status="failed", error=describe_failure(err), global_step=rundir.completed_steps(run_dir))
         rundir.write_manifest(run_dir, manifest)
         # the error first; the end of the log only where the error is not already the user's own
         tail = "" if isinstance(root_cause(err), RewardError) or log is None else "\n" + log_tail(log)
         raise RunFailed(f"training failed: {manifest['error']}{tail}\n(full log: {log})") from err
+    finally:
+        stall.stop()
     completed = rundir.completed_steps(run_dir)
     if completed <= start:
         manifest.update(status="failed", error="no training step was made", global_step=completed)

@@ -73,6 +73,8 @@ _RUN_SCRIPT = textwrap.dedent('''
                                                reward_file=spec["reward_file"])
     manifest = {"model": spec["model"], "algo": spec["algo"], "preset": "cpu-tiny", "device": "cpu",
                 "num_problems": len(problems), "recipe": dataclasses.asdict(recipe), "max_steps": spec["max_steps"],
+                "layout": dataclasses.asdict(layout), "eval_every": None,
+                "launch": {"save_steps": 1, "keep_checkpoints": 3, "openrlhf_extra": []},  # build_openrlhf_argv's defaults
                 "openrlhf_argv": argv, "patch_config": dataclasses.asdict(patch_config)}
     rundir.write_manifest(run, manifest)
     training.execute_run(run, manifest)

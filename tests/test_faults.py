@@ -301,6 +301,26 @@ def test_concurrent_launch_sigint_and_sigkill(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.pipeline
+def test_sigterm_marks_the_run_interrupted(tmp_path, tiny_model_dir):
+    """A scheduler's SIGTERM to `ngrpo train` (not its group) ends the run like Ctrl-C, although
+    ray.init gives the driver its own SIGTERM handler (sys.exit)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ngrpo_cli.main", "train", "--model", str(tiny_model_dir), "--data",
+                             str(write_problems(tmp_path / "d.jsonl", 256)), "--output", str(run), *CPU,
+                             "--max-steps", "50", "--save-steps", "1"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: rundir.checkpoint_step(run) >= 1, 900, "the first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "interrupted; the run keeps its last checkpoint" in out, out[-3000:]
+    manifest = rundir.read_manifest(run)
+    assert manifest["status"] == "interrupted" and manifest["error"] is None and rundir.checkpoint_step(run) >= 1
+
+
+@pytest.mark.pipeline
 def test_a_copied_run_resumes_into_the_copy_only(tiny_runs, tmp_path):
     original = tiny_runs["ngrpo"]
     copy = tmp_path / "copy"

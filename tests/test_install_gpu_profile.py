@@ -34,7 +34,6 @@ NOT_NEEDED = {
     "isort": "not imported by openrlhf 0.11.2",
     "pynvml": "not imported by openrlhf 0.11.2 (vLLM brings nvidia-ml-py)",
     "transformers-stream-generator": "not imported by openrlhf 0.11.2",
-    "wandb": "only with --logger.wandb.key, imported inside that branch",
 }
 # The one stack both profiles install (requirements/stack.txt, a pip constraints file).
 STACK = {line.split("==")[0]: line.split("==")[1].split()[0] for line in (REQUIREMENTS / "stack.txt").read_text().splitlines()

@@ -179,7 +179,7 @@ def _argv_printed(output):
 
 
 @pytest.mark.slow
-def test_cli_dry_run_builds_the_same_command_lines(tmp_path, tiny_model_dir, shared_data_dir, no_flash_attn):
+def test_cli_dry_run_builds_the_same_command_lines(tmp_path, tiny_model_dir, data_layout_dir, no_flash_attn):
     """cli_argv is what `ngrpo train --dry-run` prints for both shapes, and OpenRLHF's own parser
     accepts both (the dry run runs it)."""
     from click.testing import CliRunner
@@ -192,7 +192,7 @@ def test_cli_dry_run_builds_the_same_command_lines(tmp_path, tiny_model_dir, sha
     run = tmp_path / "run"
     for algo in ALGOS_CHECKED:
         for preset, device, extra in (("paper", "cuda", ["--gpus-per-node", str(GPUS_PER_NODE), "--data-dir",
-                                                        str(shared_data_dir)]),
+                                                        str(data_layout_dir)]),
                                       ("paper-cpu", "cpu", ["--eval-data", str(data), "--eval-every",
                                                             str(CPU_EVAL_EVERY)])):
             result = CliRunner().invoke(cli, ["train", "--model", str(tiny_model_dir), "--algo", algo, "--data",

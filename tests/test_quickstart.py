@@ -26,6 +26,14 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert b["problems"] == a["problems"] == 64 and b["samples"] == a["samples"] == 256
     assert f"| avg@4 | {100 * b['avg@4']:.1f} % | {100 * a['avg@4']:.1f} % |" in proc.stdout
     assert b["avg@4"] > 0.0, "the warm-up taught the random model nothing: RL would see all-wrong groups only"
+    # the mechanism, on the before-RL samples as groups of 4: an all-wrong group's wrong answers get
+    # 0 from GRPO and (0 - 1/5) / std([0, 0, 0, 0, 1]) = -0.447 from NGRPO (one virtual correct answer)
+    rows = [json.loads(line) for line in (out / "eval-before" / "samples.jsonl").read_text().splitlines()]
+    by_question = {}
+    for r in rows:
+        by_question.setdefault(r["id"], []).append(r["correct"])
+    all_wrong = sum(1 for c in by_question.values() if not any(c))
+    assert all_wrong > 0 and f"| all wrong | {all_wrong} | +0.000 | -0.447 |" in proc.stdout
     assert (out / "export" / "model.safetensors").exists() and (out / "export" / "README.md").exists()
     report = (out / "report" / "report.md").read_text()
     assert "ngrpo" in report and f"{metrics[-1]['step']}" in report

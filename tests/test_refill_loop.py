@@ -105,6 +105,7 @@ def test_the_patch_leaves_openrlhfs_loop_without_a_filter():
         _generate_vllm = UPSTREAM
         generate_samples = samples_generator.SamplesGenerator.generate_samples
         _dispatch_prompts_to_vllm = samples_generator.SamplesGenerator._dispatch_prompts_to_vllm
+        _process_response_into_experience = samples_generator.SamplesGenerator._process_response_into_experience
 
     module = SimpleNamespace(SamplesGenerator=Generator)
     patch_config.activate(patch_config.PatchConfig(group_filter="none", device="cpu"))

@@ -36,10 +36,10 @@ def test_help_lists_every_command():
         assert name in out
 
 
-def test_dry_run_prints_the_paper_recipe_and_checks_it(tmp_path, hub_model, shared_data_dir):
+def test_dry_run_prints_the_paper_recipe_and_checks_it(tmp_path, hub_model, data_layout_dir):
     data = write_problems(tmp_path / "d.jsonl")
     result = invoke("train", "--model", hub_model, "--algo", "ngrpo", "--data", str(data), "--data-dir",
-                    str(shared_data_dir), "--device", "cuda", "--gpus-per-node", "8", "--dry-run")
+                    str(data_layout_dir), "--device", "cuda", "--gpus-per-node", "8", "--dry-run")
     assert result.exit_code == 0, result.output
     argv = _argv_of(result.output)
     assert _value(argv, "--actor.eps_clip_low_high", 2) == ["0.16", "0.24"]
@@ -127,10 +127,10 @@ ABSENT_BY_ALGO = {"ngrpo": {"--algo.kl.use_loss"}, "w_reinforce": {"--algo.dynam
 
 
 @pytest.mark.parametrize("algo", sorted(PAPER_BY_ALGO))
-def test_the_paper_preset_gives_the_published_settings(algo, tmp_path, hub_model, shared_data_dir):
+def test_the_paper_preset_gives_the_published_settings(algo, tmp_path, hub_model, data_layout_dir):
     data = write_problems(tmp_path / "d.jsonl")
     result = invoke("train", "--model", hub_model, "--algo", algo, "--data", str(data), "--data-dir",
-                    str(shared_data_dir), "--device", "cuda", "--gpus-per-node", "8", "--dry-run")
+                    str(data_layout_dir), "--device", "cuda", "--gpus-per-node", "8", "--dry-run")
     assert result.exit_code == 0, result.output
     argv = _argv_of(result.output)
     values, flags = PAPER_BY_ALGO[algo]
