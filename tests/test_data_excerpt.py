@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DATA_EXCERPT, REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_EXCERPT = REPO_ROOT / "tests" / "fixtures" / "data"  # as conftest.py's data_layout_dir
 
 sys.path.insert(0, str(DATA_EXCERPT.parent))
 import make_data_excerpt  # noqa: E402

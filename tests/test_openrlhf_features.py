@@ -16,9 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from click.testing import CliRunner
 
-from ngrpo_cli.main import cli
 from openrlhf_patch import config as patch_config
 from openrlhf_patch import old_log_probs
 from pipelines import features, rundir, training
@@ -29,19 +27,7 @@ CPU = ["--device", "cpu", "--preset", "cpu-tiny"]
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # W&B keys are 40 hex digits; offline, none is checked
 
 
-def write_problems(path: Path, n: int = 64) -> Path:
-    rows = [{"id": str(i), "problem": f"What is {i} + {i % 7}?", "answer": str(i + i % 7)} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def ngrpo(*args, timeout=900, **kwargs):
-    return subprocess.run([sys.executable, "-m", "ngrpo_cli.main", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+from test_faults import invoke, ngrpo, write_problems  # noqa: E402  (the same helpers as the fault tests)
 
 
 def metrics(run: Path) -> list:

@@ -289,15 +289,9 @@ def test_upstream_attributes_are_assigned_only_through_touchpoints_patch():
 # The table itself
 # ------------------------------------------------------------------------------------------------
 def _definition(path: Path, qualname: str):
-    node = ast.parse(path.read_text())
-    for part in qualname.split("."):
-        for child in ast.walk(node):
-            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and child.name == part:
-                node = child
-                break
-        else:
-            return None
-    return node
+    from openrlhf_patch.upstream import _definition as in_tree
+
+    return in_tree(ast.parse(path.read_text()), qualname)
 
 
 def test_entries_are_unique_and_their_sites_exist():
