@@ -59,7 +59,7 @@ def test_eval_resumes_its_own_folder_and_overwrite_writes_into_the_users(tiny_mo
     result = invoke(*eval_args(tiny_model_dir, problems, out), "--overwrite")
     assert result.exit_code == 0, result.output
     assert (out / "summary.md").read_bytes() != USER_SUMMARY
-    assert sorted(p.name for p in out.iterdir()) == sorted(EVAL_FILES.split(", "))
+    assert sorted(p.name for p in out.iterdir()) == sorted(EVAL_FILES.split(", ") + ["logs"])  # logs: eval-1.log
     again = invoke(*eval_args(tiny_model_dir, problems, out))  # its own earlier output: resumed
     assert again.exit_code == 0, again.output
     assert "1 already in" in again.output and "0 to generate" in again.output
