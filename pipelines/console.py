@@ -21,12 +21,13 @@ ERROR_TAIL_LINES = 40  # lines of the log shown when a launch fails
 POLL_SECONDS = 0.5     # how often the progress thread looks at progress.json and metrics.jsonl
 
 
-def next_log_path(run_dir) -> Path:
+def next_log_path(run_dir, kind: str = "launch") -> Path:
+    """The next RUN_DIR/logs/KIND-N.log (a training launch's, or an eval's in its output folder)."""
     logs = Path(run_dir) / rundir.LOGS
     logs.mkdir(parents=True, exist_ok=True)
-    n = 1 + max((int(p.stem.split("-")[-1]) for p in logs.glob("launch-*.log") if p.stem.split("-")[-1].isdigit()),
+    n = 1 + max((int(p.stem.split("-")[-1]) for p in logs.glob(f"{kind}-*.log") if p.stem.split("-")[-1].isdigit()),
                 default=0)
-    return logs / f"launch-{n}.log"
+    return logs / f"{kind}-{n}.log"
 
 
 def step_line(step: int, metrics: dict) -> str:

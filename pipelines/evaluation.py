@@ -564,9 +564,9 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
                          limit, data_dir or default_data_dir(), dtype, batch_size, chunk_size, tensor_parallel_size,
                          gpu_memory_utilization, max_model_len, save_token_ids, overwrite, trust_remote_code,
                          progress, answer_extraction, vllm_compile, log, sys.stderr)
-    from pipelines.console import output_to_log
+    from pipelines.console import next_log_path, output_to_log
 
-    log_path = _next_log(out_dir)
+    log_path = next_log_path(out_dir, "eval")
     try:
         with output_to_log(log_path, verbose=verbose) as terminal:
             say = lambda s: print(s, file=terminal, flush=True)  # noqa: E731
@@ -582,13 +582,6 @@ def run_eval(model: str, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir
         with open(log_path, "a") as f:
             traceback.print_exc(file=f)
         raise EvalError(f"{type(err).__name__}: {err} (full log: {log_path})") from err
-
-
-def _next_log(out_dir: Path) -> Path:
-    logs = out_dir / "logs"
-    n = 1 + max((int(p.stem.split("-")[-1]) for p in logs.glob("eval-*.log") if p.stem.split("-")[-1].isdigit()),
-                default=0)
-    return logs / f"eval-{n}.log"
 
 
 def _evaluate(model, model_path, benchmarks, out_dir, backend, n, temperature, top_p, max_new_tokens, seed, limit,

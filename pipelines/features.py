@@ -81,27 +81,12 @@ _WANDB_ONLY = ("--logger.wandb.project", "--logger.wandb.group", "--logger.wandb
 _KNOWN = tuple(BY_FLAG) + _VLM_FLAGS + _WANDB_ONLY
 
 
-def _canonical(word: str) -> str:
-    """The flag OpenRLHF's argparse would read WORD as, among the ones here: an exact name, or an
-    abbreviation of one of them (argparse accepts unique prefixes; an ambiguous one fails its parse)."""
-    if word in _KNOWN:
-        return word
-    matches = [flag for flag in _KNOWN if flag.startswith(word)]
-    return matches[0] if len(matches) == 1 else word
-
-
 def flag_values(argv: Sequence[str]) -> Dict[str, List[str]]:
-    """{flag: its values at its last occurrence} (argparse keeps the last one)."""
-    out: Dict[str, List[str]] = {}
-    current = None
-    for word in argv:
-        if word.startswith("--"):
-            name, eq, value = word.partition("=")
-            current = _canonical(name)
-            out[current] = [value] if eq else []
-        elif current is not None:
-            out[current].append(word)
-    return out
+    """{flag: its values at its last occurrence} (argparse keeps the last one), an abbreviation of
+    one of the flags here read as that flag."""
+    from pipelines.resume import flag_values as read
+
+    return read(list(argv), known=_KNOWN, last_only=True)
 
 
 def _int(values: List[str], default: int) -> int:

@@ -57,15 +57,28 @@ def inside(run_dir: Path, path, what: str) -> Path:
     return resolved
 
 
-def flag_values(argv: List[str]) -> dict:
-    """{flag: [values]} of ARGV (a flag's values are the words up to the next `--flag`)."""
+def canonical_flag(word: str, known=()) -> str:
+    """The flag OpenRLHF's argparse reads WORD as, among KNOWN: an exact name, or an abbreviation of
+    exactly one of them (argparse accepts unique prefixes; an ambiguous one fails its parse)."""
+    if word in known:
+        return word
+    matches = [flag for flag in known if flag.startswith(word)]
+    return matches[0] if len(matches) == 1 else word
+
+
+def flag_values(argv: List[str], known=(), last_only: bool = False) -> dict:
+    """{flag: [values]} of ARGV: the words after each `--flag` (or its `=value`) up to the next flag,
+    an abbreviation of one of KNOWN read as that flag. LAST_ONLY: the values of a flag's last
+    occurrence (what argparse keeps); else those of every occurrence."""
     out, current = {}, None
     for word in argv:
         if word.startswith("--"):
-            current = word.split("=", 1)[0]
-            out.setdefault(current, [])
-            if "=" in word:
-                out[current].append(word.split("=", 1)[1])
+            name, eq, value = word.partition("=")
+            current = canonical_flag(name, known)
+            if last_only or current not in out:
+                out[current] = []
+            if eq:
+                out[current].append(value)
         elif current is not None:
             out[current].append(word)
     return out
@@ -89,10 +102,8 @@ def _launch_settings(manifest: dict) -> dict:
             "eval_every": eval_every, "extra": extra}
 
 
-def rebuild_argv(run_dir: Path, manifest: dict) -> List[str]:
-    """OpenRLHF's command line for resuming RUN_DIR (with rundir.RUN_DIR_TOKEN, as stored), rebuilt
-    from the recorded recipe, layout and launch settings; ResumeRefused for any path outside."""
-    from pipelines import training
+def recorded_recipe(manifest: dict):
+    """The manifest's recipe as a validated Recipe; ResumeRefused when it is missing or not valid."""
     from pipelines.recipes import Recipe, RecipeError
 
     recipe_fields = manifest.get("recipe")
@@ -102,9 +113,17 @@ def rebuild_argv(run_dir: Path, manifest: dict) -> List[str]:
         values = dict(recipe_fields)
         if isinstance(values.get("adam_betas"), list):
             values["adam_betas"] = tuple(values["adam_betas"])
-        recipe = Recipe(**values).validate()
+        return Recipe(**values).validate()
     except (TypeError, RecipeError) as err:
         raise ResumeRefused(f"the manifest's recipe is not valid: {err}") from None
+
+
+def rebuild_argv(run_dir: Path, manifest: dict) -> List[str]:
+    """OpenRLHF's command line for resuming RUN_DIR (with rundir.RUN_DIR_TOKEN, as stored), rebuilt
+    from the recorded recipe, layout and launch settings; ResumeRefused for any path outside."""
+    from pipelines import training
+
+    recipe = recorded_recipe(manifest)
     try:
         layout = training.Layout(**manifest["layout"])
     except (KeyError, TypeError) as err:
@@ -126,7 +145,8 @@ def check_paths(run_dir: Path, argv: List[str], model: str) -> None:
     from pipelines import training
 
     run_dir = run_dir.resolve()
-    flags = flag_values(training.materialise_argv(argv, run_dir))
+    flags = flag_values(training.materialise_argv(argv, run_dir),
+                        known=MODEL_FLAGS + RUN_PATH_FLAGS + (REWARD_ENTRY_FLAG,))
     for flag, values in flags.items():
         if flag in MODEL_FLAGS:
             for value in values:
@@ -180,12 +200,8 @@ def rebuild_patch_config(run_dir: Path, manifest: dict, trust_remote_code: bool)
     (e.g. --max-dropped-groups), each of the type its field declares."""
     from openrlhf_patch.config import PatchConfig
     from pipelines import training
-    from pipelines.recipes import Recipe
 
-    values = dict(manifest["recipe"])
-    if isinstance(values.get("adam_betas"), list):
-        values["adam_betas"] = tuple(values["adam_betas"])
-    recipe = Recipe(**values)
+    recipe = recorded_recipe(manifest)
     reward_file = reward_file_for_resume(run_dir, manifest) or training.DEFAULT_REWARD_FILE
     device = manifest.get("device")
     if device not in ("cpu", "cuda"):

@@ -99,6 +99,17 @@ def test_every_path_flag_of_openrlhf_is_classified():
     assert known - flags == set(), "these flags are gone from OpenRLHF"
 
 
+@pytest.mark.parametrize("flag", ["--ckpt.path", "--ckpt.pa", "--ckpt.path="])
+def test_a_path_flag_is_checked_however_argparse_would_read_it(flag, tmp_path):
+    """An abbreviation (argparse reads a unique prefix as the flag) or `--flag=value` is checked too."""
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    run.mkdir()
+    argv = lambda path: [flag + str(path)] if flag.endswith("=") else [flag, str(path)]  # noqa: E731
+    with pytest.raises(resume.ResumeRefused, match=re.escape(f"is {outside}, which resolves to {outside}")):
+        resume.check_paths(run, argv(outside), model="base")
+    resume.check_paths(run, argv(run / "checkpoints"), model="base")  # inside the run: fine
+
+
 @pytest.mark.pipeline
 def test_a_tampered_command_line_and_patch_settings_are_ignored(tiny_runs, tmp_path, outside):
     """The probe's tampering of ngrpo_run.json: checkpoints, final model, TensorBoard, data and
