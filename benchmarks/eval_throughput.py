@@ -41,15 +41,15 @@ def main():
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
 
-    from pipelines import arith
-    from pipelines.evaluation import HFBackend, Request, VLLMBackend
-    from pipelines.generation import eos_token_ids
+    from pipelines.datasets import arith
+    from pipelines.evaluate.evaluation import HFBackend, Request, VLLMBackend
+    from pipelines.evaluate.generation import eos_token_ids
     from pipelines.models import resolve_model
-    from pipelines.prompts import build_prompt
+    from pipelines.datasets.prompts import build_prompt
 
     tmp = tempfile.TemporaryDirectory()
     if args.model is None:
-        from pipelines.tiny_model import build_tiny_model
+        from pipelines.launch.tiny_model import build_tiny_model
 
         model = str(build_tiny_model(Path(tmp.name) / "tiny", seed=0))
     else:

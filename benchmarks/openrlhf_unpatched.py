@@ -2,7 +2,7 @@
 benchmarks/train_step.py and of tests/test_upstream_parity.py.
 
 "Without the patch" means OpenRLHF 0.11.2 as released, with only what it needs to run on a CPU at
-all (openrlhf_patch.cpu_mode: no CUDA calls, gloo weight sync, vLLM's CPU engine arguments) and the
+all (openrlhf_patch.cpu.cpu_mode: no CUDA calls, gloo weight sync, vLLM's CPU engine arguments) and the
 same optimizer choice ngrpo makes on CPU (torch AdamW); OpenRLHF's own group_norm advantages, its
 own loss, generation loop and logger. The reward is the same file (ngrpo's math-verify reward).
 
@@ -32,7 +32,8 @@ sys.path.insert(0, str(HERE.parent))
 
 def worker_setup():
     """Ray's worker_process_setup_hook for the baseline: CPU mode only."""
-    from openrlhf_patch import config, cpu_mode, hooks
+    from openrlhf_patch import config, optimizer
+    from openrlhf_patch.cpu import cpu_mode
 
     cfg = config.PatchConfig.from_env()
     config.activate(cfg)  # read by the optimizer choice below; no ngrpo hook is installed
@@ -47,14 +48,14 @@ def worker_setup():
         upstream.patch_on_import(reproducible_rollouts.patches(cfg.seed or 0))
     from openrlhf.utils.deepspeed import deepspeed as ds_strategy
 
-    ds_strategy.get_train_ds_config = hooks.wrap_train_ds_config(ds_strategy.get_train_ds_config)
+    ds_strategy.get_train_ds_config = optimizer.wrap_train_ds_config(ds_strategy.get_train_ds_config)
 
 
 def main(run_dir: Path, log_file: Path, save_steps: str = "100000"):
     import ray
 
-    from openrlhf_patch import cpu_mode
-    from pipelines import rundir, training
+    from openrlhf_patch.cpu import cpu_mode
+    from pipelines.launch import rundir, training
 
     manifest = rundir.read_manifest(run_dir)
     out = run_dir / "unpatched"

@@ -64,27 +64,38 @@ def verdict(a, b):
     return "within noise (the ranges overlap)"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+def parse_args(steps: int, repeats: int):
+    """The command line every side-by-side training benchmark takes."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args()
     if args.steps < 4:
         parser.error("--steps must be >= 4 (the first and last steps are dropped)")
-    sys.path.insert(0, str(REPO))
-    from pipelines import arith
-    from pipelines.data import write_jsonl_atomic
-    from pipelines.tiny_model import build_tiny_model
+    return args
 
+
+def tiny_model_and_data(tmp: Path, steps: int):
+    """The tiny model and exactly STEPS rollouts of the cpu-tiny preset's arithmetic prompts (so
+    OpenRLHF's own loop stops there too)."""
+    sys.path.insert(0, str(REPO))
+    from pipelines.datasets import arith
+    from pipelines.datasets.data import write_jsonl_atomic
+    from pipelines.launch.recipes import CPU_TINY
+    from pipelines.launch.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp / "model")
+    data = tmp / "data.jsonl"
+    write_jsonl_atomic(arith.problems(steps * CPU_TINY["prompts_per_step"], mix="study", seed=0), data)
+    return model, data, CPU_TINY["prompts_per_step"]
+
+
+def main():
+    args = parse_args(steps=8, repeats=3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = build_tiny_model(tmp / "model")
-        data = tmp / "data.jsonl"
-        # exactly --steps rollouts of the cpu-tiny preset, so OpenRLHF's own loop stops there too
-        from pipelines.recipes import CPU_TINY
-
-        write_jsonl_atomic(arith.problems(args.steps * CPU_TINY["prompts_per_step"], mix="study", seed=0), data)
+        model, data, prompts_per_step = tiny_model_and_data(tmp, args.steps)
         runs = {k: [] for k in KINDS}
         for rep in range(args.repeats):
             # the baseline reruns this repeat's grpo run directory, so it always follows grpo;
@@ -99,7 +110,7 @@ def main():
         results = {k: summary(v) for k, v in runs.items()}
     base = results["openrlhf"]
     print(f"step time, median of per-run medians over {args.repeats} runs x {args.steps - 2} steps "
-          f"(tiny Qwen2, CPU, {os.cpu_count()} cores, {args.steps * CPU_TINY['prompts_per_step']} prompts):")
+          f"(tiny Qwen2, CPU, {os.cpu_count()} cores, {args.steps * prompts_per_step} prompts):")
     for kind, r in results.items():
         print(f"  {kind:9s}: {r['median'] * 1000:8.1f} ms  (range {r['low'] * 1000:.1f}-{r['high'] * 1000:.1f})"
               + ("" if kind == "openrlhf" else

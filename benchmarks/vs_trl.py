@@ -47,7 +47,7 @@ TRL_SCRIPT = textwrap.dedent('''
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-    from pipelines.grading import grade_many
+    from pipelines.datasets.grading import grade_many
 
     spec = json.loads(sys.argv[1])
     rows = [json.loads(line) for line in open(spec["data"])]
@@ -189,9 +189,9 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     prompts, group, tokens = SETTINGS[args.setting]
     model = prepare_model(args.model, work)
-    from pipelines import arith
-    from pipelines.data import write_jsonl_atomic
-    from pipelines.prompts import build_prompt
+    from pipelines.datasets import arith
+    from pipelines.datasets.data import write_jsonl_atomic
+    from pipelines.datasets.prompts import build_prompt
 
     problems = arith.problems(prompts * (args.steps + 2), mix="study", split="train", seed=0)
     data = write_jsonl_atomic(problems, work / "problems.jsonl")

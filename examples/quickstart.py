@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipelines.arith import WORKED_SOLUTION_TOKENS  # noqa: E402  (the longest worked answer fits)
+from pipelines.datasets.arith import WORKED_SOLUTION_TOKENS  # noqa: E402  (the longest worked answer fits)
 
 EVAL = ["--n", "4", "--max-new-tokens", str(WORKED_SOLUTION_TOKENS), "--backend", "vllm", "--seed", "0"]
 SHOWN = ("avg@4", "pass@4", "maj@4", "mean_response_tokens", "no_boxed_frac")

@@ -1,7 +1,7 @@
 """`ngrpo eval`: sample answers, grade them with math-verify, report avg@n / pass@k / maj@n."""
 import click
 
-from pipelines.evaluation import PROTOCOLS
+from pipelines.evaluate.evaluation import PROTOCOLS
 
 
 def _protocol_help(name: str) -> str:
@@ -47,6 +47,14 @@ def _protocol_help(name: str) -> str:
 @click.option("--answer-extraction", type=click.Choice(["boxed", "authors"]), default="boxed", show_default=True,
               help="boxed: the last \\boxed{} (docs/ALGORITHM.md §6); authors: the NGRPO authors' rule (last boxed, "
                    "else the text after 'the answer is', else the last number).")
+@click.option("--abstention", is_flag=True,
+              help="Tell the model it may answer \\boxed{\\text{I don't know}} when it is not sure (the prompt of "
+                   "UCPO / GRPO-UC training, --uncertain-reward), mark such answers uncertain before grading, and also "
+                   "report accuracy, uncertainty ratio, PAQ = correct / (correct + wrong), hallucination rate = "
+                   "wrong / all and F1 of accuracy and PAQ (docs/ALGORITHM.md §8).")
+@click.option("--abstention-phrases", default=None, metavar="P1|P2|...",
+              help="With --abstention: the final answers that count as abstentions, separated by |.  [default: the "
+                   "training recipe's --abstention-phrases default]")
 @click.option("--vllm-compile", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="torch.compile vLLM's model. On CPU it costs ~40 s of start-up for ~1.4x the tokens/s "
                    "(SmolLM2-135M), so auto compiles only a job of 200k+ tokens (samples x max new tokens); "
@@ -58,7 +66,8 @@ def _protocol_help(name: str) -> str:
               help="Also show vLLM's, torch's and Ray's output live (it always goes to OUT_DIR/logs/eval-N.log).")
 def eval_cmd(model, protocol, benchmarks, out_dir, backend, n, temperature, top_p, max_new_tokens, seed, limit,
              data_dir, dtype, batch_size, tensor_parallel_size, gpu_memory_utilization, max_model_len, save_token_ids,
-             overwrite, grader_timeout, answer_extraction, vllm_compile, trust_remote_code, verbose):
+             overwrite, grader_timeout, answer_extraction, abstention, abstention_phrases, vllm_compile,
+             trust_remote_code, verbose):
     """Sample answers, grade them with math-verify, report avg@n, pass@k, maj@n and the final score.
 
     Uses the training chat prompt. Rerunning into the same OUT_DIR resumes: only missing samples
@@ -70,12 +79,12 @@ def eval_cmd(model, protocol, benchmarks, out_dir, backend, n, temperature, top_
       ngrpo eval --model Qwen/Qwen2.5-Math-7B -o evals/base --protocol paper --data-dir ../shared/data
       ngrpo eval --model tiny --backend hf --benchmarks data/arith_test.jsonl -o evals/tiny --n 4 --max-new-tokens 64
     """
-    from pipelines.evaluation import EvalError, run_eval
+    from pipelines.evaluate.evaluation import EvalError, run_eval
 
     defaults = PROTOCOLS[protocol]
     benchmarks = benchmarks or defaults["benchmarks"]
     if grader_timeout is not None:
-        from pipelines import grading
+        from pipelines.datasets import grading
 
         grading.configure(timeout=grader_timeout)
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
@@ -89,6 +98,7 @@ def eval_cmd(model, protocol, benchmarks, out_dir, backend, n, temperature, top_
                  tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                  max_model_len=max_model_len, save_token_ids=save_token_ids, overwrite=overwrite,
                  trust_remote_code=trust_remote_code, answer_extraction=answer_extraction, vllm_compile=vllm_compile,
-                 log=lambda s: click.echo(s, err=True), quiet=True, verbose=verbose)
+                 log=lambda s: click.echo(s, err=True), quiet=True, verbose=verbose, abstention=abstention,
+                 abstention_phrases=abstention_phrases)
     except EvalError as err:
         raise click.ClickException(str(err))

@@ -45,7 +45,7 @@ def prepare_data(sources, out, data_dir, limit, shuffle, seed, skip_invalid, che
       ngrpo prepare-data math500 aime2025 amc23 --data-dir ../shared/data -o data/eval.jsonl
       ngrpo prepare-data "synthetic:arith?n=2000&difficulty=1" -o data/arith.jsonl
     """
-    from pipelines.data import DataError, prepare
+    from pipelines.datasets.data import DataError, prepare
 
     overlap = None
     if check_overlap is not None:

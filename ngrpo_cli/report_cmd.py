@@ -16,7 +16,7 @@ def report(run_dirs, out_dir, smooth):
     fractions at each bound, KL, and evaluation pass@1 when the runs have it. report.md holds a
     table of final and best values, steps and wall time per run, and embeds the figures.
     """
-    from pipelines.report import ReportError, build_report
+    from pipelines.studies.report import ReportError, build_report
 
     try:
         data = build_report(list(run_dirs), out_dir, smooth=smooth, log=lambda msg: click.echo(msg, err=True))

@@ -1,4 +1,4 @@
-"""`ngrpo study`: the paper's comparison in one command (pipelines/study.py)."""
+"""`ngrpo study`: the paper's comparison in one command (pipelines/studies/study.py)."""
 import os
 import platform
 import shlex
@@ -7,7 +7,7 @@ import sys
 import click
 
 from ngrpo_cli.train_cmd import _recipe_options
-from pipelines.recipes import ALGOS, PRESETS
+from pipelines.launch.recipes import ALGO_SETTINGS, ALGOS, PRESETS
 
 
 def _ints(ctx, param, value):
@@ -18,10 +18,22 @@ def _ints(ctx, param, value):
 
 
 def _algos(ctx, param, value):
+    from pipelines.launch.recipes import SETTINGS
+    from pipelines.studies.study import StudyError, parse_arm
+
     algos = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [a for a in algos if a not in ALGOS]
+    try:
+        arms = [parse_arm(a) for a in algos]
+    except StudyError as err:
+        raise click.BadParameter(str(err))
+    unknown = [a for a, _ in arms if a not in ALGOS]
     if unknown or not algos:
         raise click.BadParameter(f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(ALGOS)}")
+    bad = [name for _, own in arms for name, _ in own if name.replace("-", "_") not in SETTINGS]
+    if bad:
+        raise click.BadParameter(f"{', '.join(bad)}: not a recipe setting (`ngrpo train --help` lists them)")
+    if len(set(algos)) != len(algos):
+        raise click.BadParameter(f"{value!r}: an algorithm or arm is named twice")
     return algos
 
 
@@ -41,9 +53,17 @@ def machine() -> str:
               help="Training problems (a JSONL from `ngrpo prepare-data`).")
 @click.option("--eval", "benchmarks", required=True, metavar="B1,B2,...",
               help="Benchmarks every final model and the base model are evaluated on (as `ngrpo eval --benchmarks`).")
-@click.option("--algos", default="ngrpo,grpo,dapo,w_reinforce", callback=_algos, help=f"Algorithms: {', '.join(ALGOS)}.")
+@click.option("--algos", default="ngrpo,grpo,dapo,w_reinforce", callback=_algos,
+              help=f"Algorithms: {', '.join(ALGOS)}. An arm with settings of its own: "
+                   "ALGO@SETTING=VALUE[@SETTING=VALUE], e.g. grpo@uniform-groups=mask-aux beside grpo.")
 @click.option("--seeds", default="0,1,2", callback=_ints, help="Seeds; one run per algorithm and seed.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Training steps of every run.")
+@click.option("--budget", type=(click.Choice(["steps", "samples", "tokens"]), click.IntRange(min=1)), default=None,
+              metavar="KIND AMOUNT",
+              help="The same budget for every run: `steps N` (as --max-steps), `samples N` (stop once N responses "
+                   "were generated, groups the filter dropped included: `ngrpo train --max-samples`) or `tokens N` "
+                   "(generated response tokens: --max-generated-tokens). Algorithms that drop groups then train on "
+                   "fewer steps for the same generation.")
 @click.option("--preset", type=click.Choice(["auto", *PRESETS]), default="auto", help="As `ngrpo train --preset`.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
 @click.option("--save-steps", type=click.IntRange(min=1), default=None, help="As `ngrpo train --save-steps`.")
@@ -64,7 +84,7 @@ def machine() -> str:
               help="Let a model whose config names custom code (auto_map) run that code, in every run and evaluation "
                    "(as `ngrpo train --trust-remote-code`); without it such a model is refused.")
 @_recipe_options
-def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, preset, device, save_steps, reward_file,
+def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, budget, preset, device, save_steps, reward_file,
           eval_data, eval_every, eval_n, eval_temperature, eval_top_p, eval_max_new_tokens, eval_limit, eval_backend,
           data_dir, overwrite, trust_remote_code, **recipe_flags):
     """Train every ALGO x SEED alike on DATA, evaluate the base model and every final model alike on
@@ -81,8 +101,11 @@ def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, pres
         --algos ngrpo,grpo,dapo,w_reinforce --seeds 0,1,2 --max-steps 50
     """
     from pipelines.models import resolve_model
-    from pipelines.study import Study, StudyError, StudyPlan, fingerprint_files
-    from pipelines.study_report import write_report
+    from pipelines.studies.study import Study, StudyError, StudyPlan, fingerprint_files
+
+    if budget and budget[0] == "steps" and max_steps is not None:
+        raise click.UsageError("--budget steps N and --max-steps both set the steps: give one")
+    from pipelines.studies.study_report import write_report
 
     # the model's own checks (custom code among them) before the study folder is made
     resolve_model(model, allow_run_dir=True, log=lambda msg: click.echo(msg, err=True),
@@ -96,6 +119,11 @@ def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, pres
     evaluation = {"n": eval_n, "temperature": eval_temperature, "top_p": eval_top_p,
                   "max_new_tokens": eval_max_new_tokens, "backend": eval_backend, "seed": 0,
                   "answer_extraction": recipe.get("answer_extraction", "boxed")}
+    if recipe.get("uncertain_reward") is not None or any(
+            ALGO_SETTINGS[a.split("@")[0]].get("uncertain_reward") is not None for a in algos):
+        # an algorithm that may abstain (UCPO, GRPO-UC): every model is evaluated with the prompt
+        # that offers abstention, and the table gains its measures (accuracy, PAQ, ...)
+        evaluation["abstention"] = True
     if eval_limit:
         evaluation["limit"] = eval_limit
     if trust_remote_code:
@@ -107,7 +135,7 @@ def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, pres
                      data=os.path.abspath(data_path), benchmarks=[os.path.abspath(b) if os.path.exists(b) else b
                                                                    for b in names],
                      algos=algos, seeds=seeds, max_steps=max_steps, preset=preset, device=device, recipe=recipe,
-                     train_args=train_args, eval=evaluation,
+                     train_args=train_args, eval=evaluation, budget=list(budget) if budget else None,
                      input_files=fingerprint_files([data_path, *names, eval_data, reward_file]))
     try:
         runner = Study(study_dir, plan, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True))

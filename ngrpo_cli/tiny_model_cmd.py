@@ -10,7 +10,7 @@ import click
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 def tiny_model(out_dir, hidden_size, layers, heads, seed, dtype):
     """Build a small random Qwen2 model and a Qwen-style tokenizer in OUT_DIR."""
-    from pipelines.tiny_model import build_tiny_model
+    from pipelines.launch.tiny_model import build_tiny_model
 
     try:
         path = build_tiny_model(out_dir, hidden_size=hidden_size, num_layers=layers, num_heads=heads, seed=seed, dtype=dtype)

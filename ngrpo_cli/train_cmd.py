@@ -1,11 +1,12 @@
 """`ngrpo train`: NGRPO and its baselines through OpenRLHF's Ray + vLLM + DeepSpeed pipeline."""
 import dataclasses
+import os
 import typing
 from pathlib import Path
 
 import click
 
-from pipelines.recipes import ALGOS, PRESETS, SETTINGS, Recipe, algo_defaults
+from pipelines.launch.recipes import ALGOS, PRESETS, SETTINGS, Recipe, algo_defaults
 
 # The NGRPO authors validate greedily every 7 steps on these (their ray_trainer and train scripts).
 PAPER_VALIDATION = ("math-test", "aime2025", "amc23")
@@ -80,6 +81,16 @@ TRAIN_EPILOG = (
 )
 
 
+def _set_cpu_speedups(value):
+    """--cpu-speedups: set for this process and, through the environment, every process of the run."""
+    from openrlhf_patch.cpu import speedups
+
+    if value is not None:
+        os.environ[speedups.ENV] = value
+        speedups._decided.clear()
+    return value
+
+
 @click.command("train", context_settings={"show_default": True}, epilog=TRAIN_EPILOG)
 @click.option("--model", help="Base model: a local Hugging Face folder, a GGUF file, a built-in model "
                               "(smollm2-135m-instruct) or a Hub id (e.g. Qwen/Qwen2.5-Math-7B).")
@@ -99,6 +110,12 @@ TRAIN_EPILOG = (
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", help="auto: cuda if available, else cpu mode.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many training steps (a final model is still saved).")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Stop once N responses were generated, counting the groups the filter dropped (the step "
+                   "that reaches N is the last, and is checkpointed): equal budgets across algorithms. A resume "
+                   "continues the count.")
+@click.option("--max-generated-tokens", type=click.IntRange(min=1), default=None, metavar="T",
+              help="Stop once T response tokens were generated, dropped groups included (as --max-samples).")
 @click.option("--save-steps", type=click.IntRange(min=1), default=None,
               help="DeepSpeed checkpoint every N steps, and always at the last --max-steps step. A stopped run "
                    "resumes from its last checkpoint, so up to N - 1 steps are trained again.  [default: 10 on CPU, "
@@ -144,6 +161,12 @@ TRAIN_EPILOG = (
                    "as a W&B run named after the run directory (OpenRLHF's --logger.wandb.* flags after `--` can "
                    "change that). The API key is read from WANDB_API_KEY, never stored; WANDB_MODE=offline writes "
                    "RUN_DIR/wandb/ only. A resume logs to the same W&B run.")
+@click.option("--cpu-speedups", type=click.Choice(("on", "off")), default=None, expose_value=False,
+              callback=lambda ctx, param, value: _set_cpu_speedups(value),
+              help="CPU mode's optional speed-ups (the lean Ray node and layout, vLLM's engine core in a thread, "
+                   "tokenizing once, bucketed weight sync, KV sizing, thread settings). `off` keeps only what CPU "
+                   "needs in order to run: OpenRLHF's own layout and Ray's own node (env NGRPO_CPU_SPEEDUPS; "
+                   "docs/CPU_MODE.md).  [default: on]")
 @click.option("--gpu-memory", type=click.FloatRange(min=1), default=None, metavar="GIB",
               help="GPU size for the memory check of a GPU run (GiB per GPU).  [default: this machine's GPU 0]")
 @click.option("--dry-run", is_flag=True, help="Check everything, print the OpenRLHF command line, and exit.")
@@ -151,8 +174,8 @@ TRAIN_EPILOG = (
               help="Also show the Ray, vLLM and DeepSpeed output live (it always goes to RUN_DIR/logs/).")
 @_recipe_options
 @click.argument("openrlhf_args", nargs=-1, type=click.UNPROCESSED)
-def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, device, max_steps, save_steps,
-          keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, overwrite,
+def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, device, max_steps, max_samples,
+          max_generated_tokens, save_steps, keep_checkpoints, limit, reward_file, eval_data, data_dir, eval_every, long_prompts, overwrite,
           trust_remote_code, max_dropped_groups, stall_timeout, wandb_project, gpu_memory, nodes, gpus_per_node,
           vllm_engines, vllm_tp, colocate, dry_run, verbose, openrlhf_args, **recipe_flags):
     """Train MODEL on DATA with NGRPO or a baseline, through OpenRLHF.
@@ -167,11 +190,12 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
         if wandb_project:
             raise click.UsageError("--wandb is the launch's choice: a resume logs where its launch did (the run's "
                                    "manifest records it)")
-        return _resume(resume_dir, max_steps, verbose, trust_remote_code, stall_timeout)
+        return _resume(resume_dir, max_steps, verbose, trust_remote_code, stall_timeout,
+                       budgets={"max_samples": max_samples, "max_generated_tokens": max_generated_tokens})
     for name, value in (("--model", model), ("--data", data_path), ("--output", run_dir)):
         if value is None and not (dry_run and name == "--output"):
             raise click.UsageError(f"{name} is required (or use --resume RUN_DIR)")
-    from pipelines import early_ray
+    from openrlhf_patch.cpu import early_ray
 
     if run_dir is not None and not dry_run:
         _check_output_folder(Path(run_dir).resolve(), overwrite)
@@ -181,15 +205,17 @@ def train(model, algo, data_path, run_dir, resume_dir, config_path, preset, devi
                           gpus_per_node, vllm_engines, vllm_tp, colocate, openrlhf_args, recipe_flags,
                           start_ray=not dry_run, trust_remote_code=trust_remote_code,
                           wandb_run=_wandb_run(wandb_project, run_dir))
-        from pipelines.watchdog import default_timeout
+        from pipelines.launch.watchdog import default_timeout
 
+        plan.update(max_samples=max_samples, max_generated_tokens=max_generated_tokens)
         plan["patch_config"] = dataclasses.replace(
-            plan["patch_config"], max_consecutive_dropped_groups=max_dropped_groups,
+            plan["patch_config"], max_consecutive_dropped_groups=max_dropped_groups, max_samples=max_samples,
+            max_generated_tokens=max_generated_tokens,
             stall_timeout=default_timeout(plan["device"]) if stall_timeout is None else stall_timeout)
         if plan["device"] == "cuda":
             _check_gpu_memory(plan, gpu_memory, dry_run)
         if dry_run:
-            from pipelines import training
+            from pipelines.launch import training
 
             click.echo(training.command_line(training.materialise_argv(plan["argv"], plan["run_path"])))
             click.echo("OpenRLHF's parser accepted the command line.", err=True)
@@ -206,10 +232,10 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
     """Every check that can fail before the run starts; a failure is one line naming what to fix.
     With START_RAY a CPU run's Ray node starts in the background once the model, the data and the
     settings are found, before the checks that import the stack (tokenizer, OpenRLHF's parser)."""
-    from pipelines import training
-    from pipelines.data import DataError, load_problems
+    from pipelines.launch import training
+    from pipelines.datasets.data import DataError, load_problems
     from pipelines.models import ModelError, detect_device, resolve_model
-    from pipelines.recipes import RecipeError, build_recipe
+    from pipelines.launch.recipes import RecipeError, build_recipe
 
     settings = _load_yaml_config(config_path) if config_path else {}
     # the command line wins over the file for these two as for every setting
@@ -233,6 +259,8 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
         eval_problems = _validation_problems(eval_data, data_dir) if eval_every else None
     except (RecipeError, ModelError, DataError) as err:
         raise click.UsageError(str(err))
+    if recipe.graded_negatives:
+        _check_sgpo(recipe, problems, data_path)
     if len(problems) < recipe.prompts_per_step:
         raise click.UsageError(f"{data_path}: {len(problems)} problems, fewer than one step's "
                                f"{recipe.prompts_per_step} prompts (--prompts-per-step)")
@@ -240,7 +268,7 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
     layout = training.Layout.for_device(device, nodes=nodes, gpus_per_node=gpus_per_node, vllm_engines=vllm_engines,
                                         vllm_tensor_parallel=vllm_tp, colocate=colocate)
     reward_file = str(Path(reward_file).resolve()) if reward_file else training.DEFAULT_REWARD_FILE
-    # what a resume rebuilds the command line from (pipelines/resume.py), with the recipe and layout
+    # what a resume rebuilds the command line from (pipelines/launch/resume.py), with the recipe and layout
     launch = {"save_steps": save_steps or (10 if device == "cpu" else 20),
               "keep_checkpoints": keep_checkpoints or (2 if device == "cpu" else 3),
               "openrlhf_extra": (training.wandb_argv(wandb_run["project"], wandb_run["run_name"]) if wandb_run else [])
@@ -259,11 +287,12 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
                                "leave it out to train with sdpa attention and padded micro-batches")
     if start_ray:
         training.start_ray_early(argv, device)  # the checks below import the stack (seconds) meanwhile
+    abstention = recipe.uncertain_reward is not None  # the prompt offers \boxed{\text{I don't know}}
     problems = _check_prompt_lengths(problems, resolved.path, recipe.max_prompt_len, long_prompts, data_path,
-                                     trust_remote_code)
+                                     trust_remote_code, abstention)
     if eval_problems:
         eval_problems = _check_prompt_lengths(eval_problems, resolved.path, recipe.max_prompt_len, long_prompts,
-                                              f"validation sets {eval_data}", trust_remote_code)
+                                              f"validation sets {eval_data}", trust_remote_code, abstention)
     try:
         args = training.parse_with_openrlhf(training.materialise_argv(argv, run_path))
     except (SystemExit, AssertionError) as err:
@@ -279,8 +308,8 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
 
 def _check_features(argv, device, model_path) -> None:
     """The OpenRLHF features of ARGV (the recipe's flags and the user's) that the patch cannot run
-    with, refused in one line before Ray starts (pipelines/features.py, docs/FEATURES.md)."""
-    from pipelines import features
+    with, refused in one line before Ray starts (pipelines/launch/features.py, docs/FEATURES.md)."""
+    from pipelines.launch import features
 
     try:
         features.check(argv, device=device, model_path=model_path, log=lambda msg: click.echo(msg, err=True))
@@ -312,7 +341,7 @@ def _wandb_environment(run_path: Path, wandb_run: dict) -> None:
 
 def _validation_problems(specs: str, data_dir) -> list:
     """The validation sets, each problem's source the set's name (OpenRLHF reports per source)."""
-    from pipelines.data import DataError, default_data_dir, load_benchmark
+    from pipelines.datasets.data import DataError, default_data_dir, load_benchmark
 
     out = []
     for spec in [s.strip() for s in specs.split(",") if s.strip()]:
@@ -326,11 +355,11 @@ def _validation_problems(specs: str, data_dir) -> list:
 
 
 def _check_gpu_memory(plan, gpu_gib, dry_run):
-    """The GPU memory estimate of the layout (pipelines/gpu_memory.py): shown, and a layout that cannot
+    """The GPU memory estimate of the layout (pipelines/launch/gpu_memory.py): shown, and a layout that cannot
     fit refused with the numbers and what to change."""
     from transformers import AutoConfig
 
-    from pipelines import gpu_memory
+    from pipelines.launch import gpu_memory
 
     if gpu_gib is None:
         try:
@@ -348,15 +377,16 @@ def _check_gpu_memory(plan, gpu_gib, dry_run):
     click.echo(report.message, err=True)
 
 
-def _check_prompt_lengths(problems, model_path, max_prompt_len, long_prompts, data_path, trust_remote_code=False):
+def _check_prompt_lengths(problems, model_path, max_prompt_len, long_prompts, data_path, trust_remote_code=False,
+                          abstention=False):
     """Prompts longer than the budget are counted first, then refused or dropped; OpenRLHF would
-    cut them silently."""
+    cut them silently. ABSTENTION: the prompts offer abstention (UCPO, docs/ALGORITHM.md §8)."""
     from transformers import AutoTokenizer
 
-    from pipelines.prompts import build_prompt
+    from pipelines.datasets.prompts import build_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    lengths = [len(ids) for ids in tokenizer([build_prompt(p["problem"]) for p in problems],
+    lengths = [len(ids) for ids in tokenizer([build_prompt(p["problem"], abstention) for p in problems],
                                               add_special_tokens=False)["input_ids"]]
     long = [(n, p["id"]) for n, p in zip(lengths, problems) if n > max_prompt_len]
     if not long:
@@ -373,7 +403,7 @@ def _check_prompt_lengths(problems, model_path, max_prompt_len, long_prompts, da
 
 def _launch(plan, overwrite, verbose):
     """Take the run directory (refusing a live or finished run), write its data and manifest, train."""
-    from pipelines import rundir, training
+    from pipelines.launch import rundir
 
     run_path = plan["run_path"]
     # an earlier run's status before this process holds the lock (held, it would read as running)
@@ -384,10 +414,12 @@ def _launch(plan, overwrite, verbose):
         raise click.ClickException(str(err))
     try:
         _clear_earlier_run(run_path, overwrite, earlier)
-        training.write_training_file(plan["problems"], run_path / rundir.TRAIN_DATA)
-        if plan["eval_problems"]:
-            training.write_training_file(plan["eval_problems"], run_path / rundir.EVAL_DATA)
         resolved, recipe = plan["resolved"], plan["recipe"]
+        _write_prompts(plan["problems"], run_path / rundir.TRAIN_DATA, recipe)
+        if recipe.graded_negatives:
+            _write_sgpo_references(plan["problems"], run_path, recipe)
+        if plan["eval_problems"]:
+            _write_prompts(plan["eval_problems"], run_path / rundir.EVAL_DATA, recipe)
         manifest = {
             "ngrpo_version": _version(), "model": resolved.path, "model_spec": plan["model"],
             "model_kind": resolved.kind, "algo": plan["algo"], "preset": plan["preset"], "device": plan["device"],
@@ -395,6 +427,7 @@ def _launch(plan, overwrite, verbose):
             "eval_data": plan["eval_data"] if plan["eval_problems"] else None,
             "eval_every": plan["eval_every"], "recipe": dataclasses.asdict(recipe),
             "layout": dataclasses.asdict(plan["layout"]), "max_steps": plan["max_steps"],
+            "max_samples": plan.get("max_samples"), "max_generated_tokens": plan.get("max_generated_tokens"),
             "launch": plan["launch"], "openrlhf_argv": plan["argv"],
             "patch_config": dataclasses.asdict(plan["patch_config"]),
             "trust_remote_code": plan["trust_remote_code"],
@@ -407,10 +440,52 @@ def _launch(plan, overwrite, verbose):
     _say_finished(run_path, manifest)
 
 
+def _write_prompts(problems, path: Path, recipe) -> None:
+    """training.write_training_file, with the abstention prompt where --uncertain-reward is set
+    (UCPO, GRPO-UC: pipelines/datasets/prompts.py)."""
+    from pipelines.launch import training
+
+    training.write_training_file(problems, path, abstention=recipe.uncertain_reward is not None)
+
+
+def _check_sgpo(recipe, problems, data_path) -> None:
+    """SGPO's judge needs a reference solution for every training problem and a readable prompt."""
+    from openrlhf_patch import judge
+
+    for flag, value in (("--judge-url", recipe.judge_url), ("--judge-model", recipe.judge_model)):
+        if not value:
+            raise click.UsageError(f"--algo sgpo needs its step judge: give {flag} (an OpenAI-compatible endpoint, "
+                                   "e.g. --judge-url http://127.0.0.1:8000/v1 from `vllm serve MODEL`, and "
+                                   "--judge-model, the model it serves)")
+    missing = judge.first_without_solution(problems)
+    if missing:
+        raise click.UsageError(
+            f"{data_path}: row {missing[0]} (id {missing[1]!r}) has no 'solution': --algo sgpo's judge compares each "
+            "response with the problem's reference solution. Use data whose rows carry one (MATH's do: `ngrpo "
+            "prepare-data math-train` keeps it) or another --algo")
+    try:
+        judge.load_prompt(recipe.judge_prompt)
+    except judge.JudgeError as err:
+        raise click.UsageError(str(err))
+    if recipe.judge_prompt:  # recorded in the manifest: a resume from elsewhere finds it
+        recipe.judge_prompt = str(Path(recipe.judge_prompt).resolve())
+
+
+def _write_sgpo_references(problems, run_path: Path, recipe) -> None:
+    """RUN_DIR/data/sgpo_references.jsonl: each training prompt's problem and reference solution,
+    keyed by the prompt text the refill loop sees (the label stays the bare answer)."""
+    from openrlhf_patch import judge
+    from pipelines.datasets.prompts import build_prompt
+
+    abstention = recipe.uncertain_reward is not None
+    judge.write_references(str(run_path / judge.REFERENCES_FILE),
+                           ((build_prompt(p["problem"], abstention), p["problem"], p["solution"]) for p in problems))
+
+
 def _say_finished(run_path: Path, manifest: dict) -> None:
     """The closing line; and a warning when the run stopped short of --max-steps because OpenRLHF's
     prompt loader ran out (a group filter draws extra prompts to replace the groups it drops)."""
-    from pipelines import rundir
+    from pipelines.launch import rundir
 
     steps, wanted = manifest["global_step"], manifest.get("max_steps")
     click.echo(f"finished after {steps} steps; final model: {run_path / rundir.FINAL_MODEL}")
@@ -425,7 +500,7 @@ def _check_output_folder(run_path: Path, overwrite: bool) -> None:
     """--output must be a new or empty folder, or an earlier ngrpo run (_clear_earlier_run decides
     about that one): a folder of other files is refused, naming them, unless --overwrite (the run's
     files, data/train.jsonl among them, would replace the user's)."""
-    from pipelines import rundir
+    from pipelines.launch import rundir
 
     if run_path.exists() and not run_path.is_dir():
         raise click.ClickException(f"--output {run_path} is a file, not a folder")
@@ -464,7 +539,7 @@ def _clear_earlier_run(run_path: Path, overwrite: bool, status: str) -> None:
     replaced."""
     import shutil
 
-    from pipelines import rundir
+    from pipelines.launch import rundir
 
     if not rundir.is_run_dir(run_path):
         return
@@ -481,7 +556,7 @@ def _clear_earlier_run(run_path: Path, overwrite: bool, status: str) -> None:
 
 def _execute(run_path, manifest, resume, verbose, patch_config=None):
     """training.execute_run, with its failures as one clear error (the user's own first)."""
-    from pipelines import training
+    from pipelines.launch import training
 
     try:
         return training.execute_run(run_path, manifest, resume=resume, verbose=verbose, patch_config=patch_config)
@@ -492,11 +567,12 @@ def _execute(run_path, manifest, resume, verbose, patch_config=None):
         raise click.ClickException(str(err))
 
 
-def _resume(run_dir, max_steps, verbose, trust_remote_code=False, stall_timeout=None):
+def _resume(run_dir, max_steps, verbose, trust_remote_code=False, stall_timeout=None, budgets=None):
     """Continue RUN_DIR from its last checkpoint. The run directory is data, not instructions:
     OpenRLHF's command line and the patch settings are rebuilt from the recorded recipe, and
-    nothing outside the run but its base model is read or written (pipelines/resume.py)."""
-    from pipelines import early_ray, resume, rundir, training
+    nothing outside the run but its base model is read or written (pipelines/launch/resume.py)."""
+    from openrlhf_patch.cpu import early_ray
+    from pipelines.launch import resume, rundir, training
 
     run_path = Path(run_dir).resolve()
     try:
@@ -508,6 +584,7 @@ def _resume(run_dir, max_steps, verbose, trust_remote_code=False, stall_timeout=
     try:
         if max_steps is not None:
             manifest["max_steps"] = max_steps
+        manifest.update({k: v for k, v in (budgets or {}).items() if v is not None})
         if stall_timeout is not None:  # else the launch's, kept in the patch settings
             manifest.setdefault("patch_config", {})["stall_timeout"] = stall_timeout
         try:
@@ -521,12 +598,18 @@ def _resume(run_dir, max_steps, verbose, trust_remote_code=False, stall_timeout=
         if manifest.get("max_steps") is not None and done >= manifest["max_steps"]:
             raise click.ClickException(f"{run_path} already has {done} steps (--max-steps {manifest['max_steps']}): "
                                        "pass a larger --max-steps to train on")
+        spent = training.budget_spent(manifest, run_path, done)
+        if spent:
+            raise click.ClickException(f"{run_path} already used its budget at step {done}, {spent}: pass a larger "
+                                       "budget to train on")
         if argv != manifest.get("openrlhf_argv"):
             changed = _changed_flags(argv, manifest)
             click.echo(f"note: the manifest's recorded command line differs from the one its recipe gives "
                        f"({', '.join(changed)}); resuming with the recipe's", err=True)
         manifest.update(openrlhf_argv=argv)
         manifest["patch_config"]["max_steps"] = manifest.get("max_steps")
+        manifest["patch_config"].update(max_samples=patch_config.max_samples,
+                                        max_generated_tokens=patch_config.max_generated_tokens)
         click.echo(f"resuming {run_path} ({status}) from step {done}", err=True)
         wandb_run = (manifest.get("launch") or {}).get("wandb")
         if isinstance(wandb_run, dict) and isinstance(wandb_run.get("run_id"), str):
@@ -542,7 +625,7 @@ def _resume(run_dir, max_steps, verbose, trust_remote_code=False, stall_timeout=
 
 def _changed_flags(argv, manifest) -> list:
     """The flags whose values differ between ARGV and the manifest's recorded command line."""
-    from pipelines.resume import flag_values
+    from pipelines.launch.resume import flag_values
 
     new, old = flag_values(argv), flag_values(manifest.get("openrlhf_argv") or [])
     return [flag for flag in sorted(set(new) | set(old)) if new.get(flag) != old.get(flag)]

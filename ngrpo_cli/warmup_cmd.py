@@ -4,20 +4,20 @@ from pathlib import Path
 
 import click
 
-from pipelines.arith import MIXES
-from pipelines.warmup import DEFAULT_RECIPE as R
+from pipelines.datasets.arith import MIXES
+from pipelines.launch.warmup import DEFAULT_RECIPE as R
 
 
 @click.command("warmup", context_settings={"show_default": True})
 @click.argument("model_dir", metavar="MODEL")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--problems", "n_problems", type=click.IntRange(min=1), default=R["n_problems"],
-              help="Synthetic arithmetic problems in the SFT set (synthetic:arith, pipelines.data).")
+              help="Synthetic arithmetic problems in the SFT set (synthetic:arith, pipelines.datasets.data).")
 @click.option("--epochs", type=click.IntRange(min=1), default=R["epochs"], help="Passes over the SFT set.")
 @click.option("--lr", type=float, default=R["lr"], help="Peak AdamW learning rate (cosine to 10%, 5% warm-up).")
 @click.option("--seed", type=int, default=R["seed"], help="Seed of the problems and of training.")
 @click.option("--mix", type=click.Choice(sorted(MIXES)), default=R["mix"],
-              help="Mixture of synthetic:arith levels (pipelines/arith.py), from its warm-up split.")
+              help="Mixture of synthetic:arith levels (pipelines/datasets/arith.py), from its warm-up split.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=R["batch_size"], help="Sequences per optimizer step.")
 @click.option("--max-len", type=click.IntRange(min=16), default=R["max_len"], help="Max tokens of prompt + answer.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
@@ -37,13 +37,13 @@ def warmup(model_dir, out_dir, n_problems, epochs, lr, seed, mix, batch_size, ma
     """Warm MODEL up on arithmetic with OpenRLHF's SFT trainer; write the model to OUT_DIR.
 
     MODEL is a model folder, a GGUF file, a built-in model or a Hub id. The SFT set uses the RL
-    training prompt (pipelines.prompts) and questions of the warm-up split, which RL training and
+    training prompt (pipelines.datasets.prompts) and questions of the warm-up split, which RL training and
     evaluation never see, and teaches a one-line answer that ends in \\boxed{N}, so the warmed-up
     model earns some reward in `ngrpo train`. The data, log and DeepSpeed scratch go to
     OUT_DIR_warmup_work beside OUT_DIR.
     """
     from pipelines.models import ModelError, resolve_model
-    from pipelines.warmup import evaluate, warmup_sft
+    from pipelines.launch.warmup import evaluate, warmup_sft
 
     out = Path(out_dir)
     if (out / "config.json").exists() and not overwrite:

@@ -15,9 +15,11 @@ Sources (docs/ALGORITHM.md is the project's reading of them; each estimator name
   * PSR / NSR / W-REINFORCE: Zhu et al., "The Surprising Effectiveness of Negative
     Reinforcement in LLM Reasoning", arXiv 2506.01347.
   * DAPO (clip-higher, dynamic sampling): Yu et al., arXiv 2503.14476.
+  * UCPO: Zeng et al., "UCPO: Uncertainty-Aware Policy Optimization", arXiv 2601.22648 (no code
+    of the authors could be read; docs/ALGORITHM.md §8 says what is confirmed and what is not).
 
 Adding an estimator: one function registered with @register_estimator (its keyword-only
-parameters are its options, taken from ESTIMATOR_OPTIONS), a recipe in pipelines/recipes.py, and
+parameters are its options, taken from ESTIMATOR_OPTIONS), a recipe in pipelines/launch/recipes.py, and
 its tests. Everything else (recipe choices, CLI help, the set of estimators the OpenRLHF patch
 computes) is derived from ESTIMATORS.
 """
@@ -27,11 +29,11 @@ import dataclasses
 import inspect
 import math
 import operator
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-GROUP_FILTERS = ("none", "drop_all_correct", "drop_all_correct_and_all_wrong", "drop_all_wrong")
+GROUP_FILTERS = ("none", "drop_all_correct", "drop_all_correct_and_all_wrong", "drop_all_wrong", "drop_non_ternary")
 
 # OpenRLHF's PolicyLoss clamps the log-ratio to this range before exp(): a token whose new and
 # old log-probs differ by more than 20 nats is garbage either way, and exp(>88) is inf in float32.
@@ -114,6 +116,20 @@ ESTIMATOR_OPTIONS = {
                         "is correct when its reward reaches it."),
     "adv_eps": (1e-6, "Epsilon of (r - mean) / (std + eps), as in the NGRPO authors' code."),
     "w_reinforce_lambda": (0.1, "W-REINFORCE: advantage of a correct response (+lambda; a wrong one gets -1)."),
+    "uncertain_reward": (None, "Abstention (UCPO, docs/ALGORITHM.md §8): the reward of an uncertain response, one whose "
+                               "final \\boxed{} holds an abstention phrase such as \\boxed{\\text{I don't know}}. "
+                               "Setting it also tells the model in the prompt that it may abstain. Must lie strictly "
+                               "between 0 (wrong) and R_max. ucpo only recognises uncertain responses by it; grpo_uc "
+                               "trains GRPO on it (UCPO paper: 0.2 for Qwen3-8B, 0.5 for Llama-3.1-8B). "
+                               "Unset: no abstention."),
+    "ucpo_suppression_weight": (1.0, "UCPO: w, the weight of the uncertainty-suppression term of gamma(q) (the "
+                                     "default 1 is not confirmed from the paper)."),
+    "abstention_phrases": ("I don't know|I do not know|I dont know|I'm not sure|I am not sure|not sure|unsure|"
+                           "uncertain|unknown|idk",
+                           "Abstention: the final answers that mean 'I don't know', separated by |. A boxed answer "
+                           "is an abstention when, with \\text{} unwrapped, case, spacing, apostrophes and final "
+                           "punctuation ignored, it equals one of them (pipelines/datasets/abstention.py). Not "
+                           "confirmed from the UCPO paper."),
 }
 
 
@@ -127,13 +143,17 @@ class Estimator:
     # Which responses the policy is trained on: all, or only the correct / only the wrong ones
     # (PSR and NSR as the authors run them: the batch is subset to one class).
     trains_on: str = "all"
+    # Optional (groups, **options) -> {name: 0-d tensor} of the estimator's own step metrics,
+    # added by batch_diagnostics(..., estimator=name); it reads the same options as `compute`.
+    diagnostics: Optional[Callable[..., Dict[str, torch.Tensor]]] = None
 
 
 ESTIMATORS: Dict[str, Estimator] = {}
 
 
-def register_estimator(name: str, *, paper: str, trains_on: str = "all"):
-    """Register `fn(groups, *, option=...) -> advantages` as advantage estimator NAME."""
+def register_estimator(name: str, *, paper: str, trains_on: str = "all", diagnostics: Optional[Callable] = None):
+    """Register `fn(groups, *, option=...) -> advantages` as advantage estimator NAME (DIAGNOSTICS:
+    an optional `(groups, *, option=...) -> {metric: 0-d tensor}` with the same options)."""
 
     def decorate(fn):
         params = inspect.signature(fn).parameters.values()
@@ -142,7 +162,7 @@ def register_estimator(name: str, *, paper: str, trains_on: str = "all"):
         if unknown or name in ESTIMATORS or trains_on not in ("all", "correct", "wrong"):
             raise ValueError(f"estimator {name!r}: unknown options {unknown}, duplicate name or bad trains_on")
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        ESTIMATORS[name] = Estimator(name, fn, paper, summary, options, trains_on)
+        ESTIMATORS[name] = Estimator(name, fn, paper, summary, options, trains_on, diagnostics)
         return fn
 
     return decorate
@@ -237,6 +257,100 @@ def nsr(groups, *, max_reward):
     return _by_correctness(groups, max_reward, 0.0, -1.0)
 
 
+# --------------------------------------------------------------------------------------------
+# UCPO: three classes of response (docs/ALGORITHM.md §8)
+# --------------------------------------------------------------------------------------------
+UCPO_MIN_GROUP_SIZE = 3  # a correct, a wrong and an uncertain response
+
+
+def response_classes(rewards: torch.Tensor, max_reward: float, uncertain_reward):
+    """(correct, uncertain, wrong) boolean masks of REWARDS: correct when the reward reaches
+    max_reward, uncertain when it equals uncertain_reward (compared in float32, the dtype the
+    reward function returns, so a float64 copy of a float32 reward still matches), wrong
+    otherwise. With uncertain_reward None nothing is uncertain."""
+    correct = rewards >= max_reward
+    if uncertain_reward is None:
+        uncertain = torch.zeros_like(correct)
+    else:
+        target = torch.tensor(float(uncertain_reward), dtype=torch.float32, device=rewards.device)
+        uncertain = (rewards.to(torch.float32) == target) & ~correct
+    return correct, uncertain, ~(correct | uncertain)
+
+
+def _check_uncertain_reward(uncertain_reward, max_reward: float, who: str) -> float:
+    if uncertain_reward is None:
+        raise ValueError(f"{who} needs uncertain_reward (the reward that marks an uncertain response), got None")
+    value = _check_finite_number("uncertain_reward", uncertain_reward)
+    if not 0.0 < value < max_reward:
+        raise ValueError(f"uncertain_reward must lie strictly between 0 (a wrong response) and max_reward="
+                         f"{max_reward}, got {value}: otherwise uncertain responses cannot be told apart")
+    return value
+
+
+def _ucpo_parts(groups, max_reward, uncertain_reward, ucpo_suppression_weight, adv_eps):
+    """Per group: the class masks, the ternary mask (>= 1 correct and >= 1 wrong), gamma(q) and
+    the normalised advantages of the correct and wrong responses (0 elsewhere)."""
+    if groups.shape[1] < UCPO_MIN_GROUP_SIZE:
+        raise ValueError(f"estimator 'ucpo' needs group_size >= {UCPO_MIN_GROUP_SIZE} (a correct, a wrong and an "
+                         f"uncertain response), got {groups.shape[1]}")
+    uncertain_reward = _check_uncertain_reward(uncertain_reward, max_reward, "estimator 'ucpo'")
+    correct, uncertain, wrong = response_classes(groups, max_reward, uncertain_reward)
+    det = correct | wrong
+    ternary = correct.any(dim=1, keepdim=True) & wrong.any(dim=1, keepdim=True)
+    dtype = groups.dtype
+    n_det = det.sum(dim=1, keepdim=True).to(dtype)
+    # GRPO's statistics (_group_normalise) over the correct and wrong responses only, in the same
+    # order of operations: deviations from the first such response, mean, Bessel std, + eps. With
+    # no uncertain response this is GRPO's arithmetic step for step, hence bitwise equal to it.
+    first = det.to(torch.int8).argmax(dim=1, keepdim=True)
+    zero = torch.zeros((), dtype=dtype, device=groups.device)
+    dev = torch.where(det, groups - groups.gather(1, first), zero)
+    mean_dev = dev.sum(dim=1, keepdim=True) / n_det.clamp(min=1)
+    centred = torch.where(det, dev - mean_dev, zero)
+    sq = centred.square().sum(dim=1, keepdim=True)
+    std = (sq / (n_det - 1).clamp(min=1)).sqrt()
+    a_det = torch.where(ternary, centred / (std + adv_eps), zero)
+    # gamma(q) from the group's shares of right, wrong and uncertain responses.
+    size = groups.shape[1]
+    p_r = correct.sum(dim=1, keepdim=True).to(dtype) / size
+    p_w = wrong.sum(dim=1, keepdim=True).to(dtype) / size
+    p_u = uncertain.sum(dim=1, keepdim=True).to(dtype) / size
+    gamma = p_w / (p_u + p_w + adv_eps) * (1 - p_u) - ucpo_suppression_weight * p_r / (p_r + p_w + adv_eps) * p_u
+    return correct, uncertain, wrong, ternary, gamma, a_det
+
+
+def _ucpo_diagnostics(groups, *, max_reward, uncertain_reward, ucpo_suppression_weight, adv_eps):
+    """gamma_mean: mean gamma(q) over the ternary groups that hold an uncertain response (0 if none);
+    frac_non_ternary: share of groups without both a correct and a wrong response (advantage 0)."""
+    _, uncertain, _, ternary, gamma, _ = _ucpo_parts(groups, max_reward, uncertain_reward,
+                                                     ucpo_suppression_weight, adv_eps)
+    used = (ternary & uncertain.any(dim=1, keepdim=True)).flatten()
+    gamma = gamma.flatten().to(torch.float64)
+    n_used = used.sum()
+    return {"ucpo_gamma_mean": torch.where(used, gamma, torch.zeros_like(gamma)).sum() / n_used.clamp(min=1),
+            "ucpo_gamma_groups": n_used.to(torch.float64),
+            "frac_non_ternary": (~ternary).sum().to(torch.float64) / max(ternary.numel(), 1)}
+
+
+@register_estimator("ucpo", paper="Zeng et al. 2026, UCPO: Uncertainty-Aware Policy Optimization, arXiv 2601.22648",
+                    diagnostics=_ucpo_diagnostics)
+def ucpo(groups, *, max_reward, uncertain_reward, ucpo_suppression_weight, adv_eps):
+    """Ternary advantage decoupling: correct and wrong responses normalised among themselves, an uncertain one gets gamma(q) times the correct responses' advantage.
+
+    gamma(q) = P_w/(P_u+P_w+eps)*(1-P_u) - w*P_r/(P_r+P_w+eps)*P_u from the group's shares of right,
+    wrong and uncertain responses (docs/ALGORITHM.md §8). A group without at least one correct and
+    one wrong response gets 0 everywhere. With no uncertain response it is exactly grpo on 0/1
+    rewards.
+    """
+    correct, uncertain, _, ternary, gamma, a_det = _ucpo_parts(groups, max_reward, uncertain_reward,
+                                                               ucpo_suppression_weight, adv_eps)
+    # The correct responses' advantage (one value with 0/1 rewards; their mean otherwise).
+    zero = torch.zeros((), dtype=groups.dtype, device=groups.device)
+    n_correct = correct.sum(dim=1, keepdim=True).to(groups.dtype).clamp(min=1)
+    a_correct = torch.where(correct, a_det, zero).sum(dim=1, keepdim=True) / n_correct
+    return torch.where(uncertain & ternary, gamma * a_correct, a_det)
+
+
 def check_estimator_options(options: dict) -> dict:
     """ESTIMATOR_OPTIONS' defaults updated by OPTIONS, each checked (ValueError naming the bad one)."""
     unknown = sorted(set(options) - set(ESTIMATOR_OPTIONS))
@@ -244,8 +358,16 @@ def check_estimator_options(options: dict) -> dict:
         raise ValueError(f"unknown estimator option(s) {', '.join(unknown)}; valid: {', '.join(ESTIMATOR_OPTIONS)}")
     merged = {name: default for name, (default, _) in ESTIMATOR_OPTIONS.items()}
     merged.update(options)
-    for name in ("max_reward", "adv_eps", "w_reinforce_lambda"):
+    for name in ("max_reward", "adv_eps", "w_reinforce_lambda", "ucpo_suppression_weight"):
         merged[name] = _check_finite_number(name, merged[name])
+    if merged["uncertain_reward"] is not None:
+        merged["uncertain_reward"] = _check_uncertain_reward(merged["uncertain_reward"], merged["max_reward"],
+                                                             "abstention")
+    if merged["ucpo_suppression_weight"] < 0:
+        raise ValueError(f"ucpo_suppression_weight must be >= 0, got {merged['ucpo_suppression_weight']}")
+    phrases = merged["abstention_phrases"]
+    if not isinstance(phrases, str) or not any(p.strip() for p in phrases.split("|")):
+        raise ValueError(f"abstention_phrases must be a text of phrases separated by |, got {phrases!r}")
     if merged["adv_eps"] <= 0:
         raise ValueError(f"adv_eps must be > 0 (it keeps (r - mean) / (std + eps) finite), got {merged['adv_eps']}")
     k = merged["virtual_samples"]
@@ -306,13 +428,17 @@ def _group_kinds(rewards: torch.Tensor, group_size: int, max_reward: float):
     return correct.all(dim=1), ~correct.any(dim=1)
 
 
-def group_keep_mask(rewards: torch.Tensor, group_size: int, mode: str, *, max_reward: float = 1.0) -> torch.Tensor:
+def group_keep_mask(rewards: torch.Tensor, group_size: int, mode: str, *, max_reward: float = 1.0,
+                    uncertain_reward=None) -> torch.Tensor:
     """Which groups to keep (shape (n_groups,), bool) under a dynamic-sampling filter.
 
     * "drop_all_correct" (NGRPO, docs/ALGORITHM.md §4): an all-correct group has advantage 0 under both grpo
       and ngrpo, so it is dropped; all-wrong groups are kept because NGRPO gives them signal.
     * "drop_all_correct_and_all_wrong" (DAPO): under grpo both kinds carry no gradient.
     * "drop_all_wrong": the mirror image, for ablations. "none": keep everything.
+    * "drop_non_ternary" (UCPO's non-ternary filtering, docs/ALGORITHM.md §8): keep a group only when
+      it has at least one correct and one wrong response; a response whose reward equals
+      `uncertain_reward` is neither (None: no response is uncertain).
     A response is correct when its reward is >= max_reward, so with partial-credit rewards
     "all wrong" means "no response reached max_reward".
     """
@@ -320,6 +446,11 @@ def group_keep_mask(rewards: torch.Tensor, group_size: int, mode: str, *, max_re
     group_size = _check_group_size(group_size)
     max_reward = _check_finite_number("max_reward", max_reward)
     rewards = _check_rewards(rewards, group_size)
+    if mode == "drop_non_ternary":
+        if uncertain_reward is not None:
+            uncertain_reward = _check_finite_number("uncertain_reward", uncertain_reward)
+        correct, _, wrong = response_classes(rewards, max_reward, uncertain_reward)
+        return correct.view(-1, group_size).any(dim=1) & wrong.view(-1, group_size).any(dim=1)
     all_correct, all_wrong = _group_kinds(rewards, group_size, max_reward)
     if mode == "none":
         return torch.ones_like(all_correct)
@@ -367,6 +498,8 @@ def batch_diagnostics(
     advantages: torch.Tensor | None = None,
     *,
     max_reward: float = 1.0,
+    estimator: str | None = None,
+    estimator_options: dict | None = None,
 ) -> dict[str, float]:
     """What kind of groups a batch holds and where the advantage mass goes (for logging).
 
@@ -379,6 +512,12 @@ def batch_diagnostics(
     (share of responses with reward >= max_reward), and, when `advantages` (shape (B,)) is
     given, adv_sum_all_wrong, adv_sum_all_correct, adv_sum_mixed (sum over those groups'
     responses). An empty batch gives zeros.
+
+    With `estimator_options` (the run's ESTIMATOR_OPTIONS) whose uncertain_reward is set (abstention,
+    docs/ALGORITHM.md §8), also: frac_uncertain, frac_correct_answers, frac_wrong_answers (shares of
+    responses by class) and, with advantages, adv_sum_correct, adv_sum_wrong, adv_sum_uncertain
+    (advantage mass per class). With `estimator` naming an estimator that registered a diagnostics
+    function (ucpo: ucpo_gamma_mean, ucpo_gamma_groups, frac_non_ternary), its metrics as well.
     """
     group_size = _check_group_size(group_size)
     max_reward = _check_finite_number("max_reward", max_reward)
@@ -403,6 +542,27 @@ def batch_diagnostics(
         for kind, sel in (("all_wrong", all_wrong), ("all_correct", all_correct), ("mixed", mixed)):
             values.append(torch.where(sel, per_group, torch.zeros_like(per_group)).sum())
             keys.append(f"adv_sum_{kind}")
+    options = check_estimator_options(estimator_options or {}) if (estimator_options or estimator) else None
+    if options is not None and options["uncertain_reward"] is not None:
+        classes = response_classes(rewards, max_reward, options["uncertain_reward"])
+        n = max(rewards.numel(), 1)
+        for kind, sel in zip(("correct_answers", "uncertain", "wrong_answers"), classes):
+            values.append(sel.sum().double() / n)
+            keys.append(f"frac_{kind}")
+        if advantages is not None:
+            adv = advantages.to(_compute_dtype(advantages.dtype))
+            for kind, sel in zip(("correct", "uncertain", "wrong"), classes):
+                values.append(torch.where(sel, adv, torch.zeros_like(adv)).sum())
+                keys.append(f"adv_sum_{kind}")
+    if estimator is not None:
+        _check_choice("estimator", estimator, ESTIMATORS)
+        extra = ESTIMATORS[estimator].diagnostics
+        if extra is not None:
+            params = inspect.signature(extra).parameters.values()
+            kwargs = {p.name: options[p.name] for p in params if p.kind is p.KEYWORD_ONLY}
+            for key, value in extra(rewards.view(-1, group_size), **kwargs).items():
+                values.append(value)
+                keys.append(key)
     # One device->host transfer for all values instead of one .item() per key.
     host = torch.stack([v.to(torch.float64) for v in values]).tolist()
     return dict(zip(keys, host))

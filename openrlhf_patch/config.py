@@ -31,9 +31,16 @@ class PatchConfig:
     max_steps: Optional[int] = None
     # The global step the run starts from (the checkpoint's step when resuming).
     start_step: int = 0
+    # Equal budgets (`--max-samples`, `--max-generated-tokens`): stop cleanly once this many responses
+    # (or response tokens) were generated, groups the filter dropped included; None: no such budget.
+    max_samples: Optional[int] = None
+    max_generated_tokens: Optional[int] = None
+    # The counts at the checkpoint a resume starts from (metrics.jsonl's ngrpo/generated_* there).
+    start_generated_samples: int = 0
+    start_generated_tokens: int = 0
     # Seed of each worker's torch RNG (see install.worker_setup); None leaves it unseeded.
     seed: Optional[int] = None
-    # How the reward extracts the final answer (pipelines.grading.EXTRACTIONS).
+    # How the reward extracts the final answer (pipelines.datasets.grading.EXTRACTIONS).
     answer_extraction: str = "boxed"
     # The reward file, named in errors about the rewards it returns.
     reward_file: Optional[str] = None
@@ -47,8 +54,15 @@ class PatchConfig:
     # trust_remote_code in every process of the run (openrlhf_patch/remote_code.py).
     trust_remote_code: bool = False
     # Stop the run after this many seconds without progress (`--stall-timeout`; 0: never); None:
-    # the device's default (pipelines/watchdog.py). Read by the driver's watchdog only.
+    # the device's default (pipelines/launch/watchdog.py). Read by the driver's watchdog only.
     stall_timeout: Optional[float] = None
+    # Responses whose advantage is exactly 0 (`--uniform-groups`, openrlhf_patch/uniform_groups.py):
+    # "keep" (OpenRLHF's training), "mask-aux" (out of the entropy and KL terms), "skip" (no
+    # optimizer step for a mini-batch without any non-zero advantage).
+    uniform_groups: str = "keep"
+    # SGPO (docs/ALGORITHM.md §10): the step judge's settings (openrlhf_patch.judge.JudgeSettings,
+    # the prompt's text included); empty: off. All-wrong groups get graded rewards in the refill loop.
+    sgpo: dict = dataclasses.field(default_factory=dict)
 
     @property
     def max_reward(self) -> float:

@@ -57,7 +57,8 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
     if config is None:
         raise RuntimeError(f"openrlhf_patch.install.apply() needs the run's PatchConfig (or {patch_config.ENV_VAR} set)")
     check_openrlhf_version()
-    from openrlhf_patch import cpu_mode, upstream
+    from openrlhf_patch.cpu import cpu_mode
+    from openrlhf_patch import upstream
 
     # First: OpenRLHF imports flash_attn at module level (the stub goes in only where it is missing).
     cpu_mode.ensure_flash_attn_importable()
@@ -87,54 +88,62 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
 
 
 def _patch_experience_maker(experience_maker):
-    from openrlhf_patch import hooks, old_log_probs
+    from openrlhf_patch import advantages, old_log_probs
 
     maker = experience_maker.RemoteExperienceMaker
-    maker.compute_advantages_and_returns = hooks.wrap_compute_advantages(maker.compute_advantages_and_returns)
+    maker.compute_advantages_and_returns = advantages.wrap_compute_advantages(maker.compute_advantages_and_returns)
     maker.make_experience_batch = old_log_probs.wrap_make_experience_batch(maker.make_experience_batch)
 
 
 def _patch_ppo_actor(ppo_actor):
-    from openrlhf_patch import hooks, old_log_probs
+    from openrlhf_patch import engines, heartbeat, old_log_probs, policy_loss
 
     # ActorPPOTrainer builds its loss from the name imported into ppo_actor.
-    ppo_actor.PolicyLoss = hooks.make_policy_loss_class(ppo_actor.PolicyLoss)
+    ppo_actor.PolicyLoss = policy_loss.make_policy_loss_class(ppo_actor.PolicyLoss)
     trainer = ppo_actor.ActorPPOTrainer
-    trainer.training_step = hooks.wrap_training_step(trainer.training_step)
+    trainer.training_step = policy_loss.wrap_training_step(trainer.training_step)
     trainer.ppo_train = old_log_probs.wrap_ppo_train(trainer.ppo_train)
-    trainer._init_vllm_sync_group = hooks.wrap_init_vllm_sync_group(trainer._init_vllm_sync_group)
-    trainer.broadcast_to_vllm = hooks.wrap_with_heartbeat(trainer.broadcast_to_vllm, "weight sync", after="step end")
-    trainer.broadcast_to_vllm = hooks.wrap_engine_calls(trainer.broadcast_to_vllm)  # a dead engine, named
+    trainer._init_vllm_sync_group = engines.wrap_init_vllm_sync_group(trainer._init_vllm_sync_group)
+    trainer.broadcast_to_vllm = heartbeat.wrap_with_heartbeat(trainer.broadcast_to_vllm, "weight sync", after="step end")
+    trainer.broadcast_to_vllm = engines.wrap_engine_calls(trainer.broadcast_to_vllm)  # a dead engine, named
+    if patch_config.active().uniform_groups != "keep":  # keep: OpenRLHF's training step, nothing installed
+        from openrlhf_patch import uniform_groups
+
+        uniform_groups.patch_ppo_actor(ppo_actor)
 
 
 def _patch_ppo_trainer(ppo_trainer):
-    from openrlhf_patch import hooks
+    from openrlhf_patch import run_logger
 
     # The trainer builds its TensorBoard logger from the name imported into ppo_trainer.
-    ppo_trainer.TensorboardLogger = hooks.make_run_logger_class(ppo_trainer.TensorboardLogger)
+    ppo_trainer.TensorboardLogger = run_logger.make_run_logger_class(ppo_trainer.TensorboardLogger)
 
 
 def _patch_samples_generator(samples_generator):
-    from openrlhf_patch import hooks, tokenizer_once
+    from openrlhf_patch import engines, heartbeat, sampling
+    from openrlhf_patch.cpu import speedups, tokenizer_once
 
     generator = samples_generator.SamplesGenerator
-    generator.generate_samples = hooks.wrap_generate_samples(generator.generate_samples)
-    generator.generate_samples = hooks.wrap_engine_calls(generator.generate_samples)  # a dead engine, named
-    generator._dispatch_prompts_to_vllm = tokenizer_once.wrap_dispatch_prompts(generator._dispatch_prompts_to_vllm)
+    generator.generate_samples = sampling.wrap_generate_samples(generator.generate_samples)
+    generator.generate_samples = engines.wrap_engine_calls(generator.generate_samples)  # a dead engine, named
+    if speedups.on("tokenizer-once"):
+        generator._dispatch_prompts_to_vllm = tokenizer_once.wrap_dispatch_prompts(generator._dispatch_prompts_to_vllm)
     # every response processed (training rollouts and validation alike) is progress for the watchdog
-    generator._process_response_into_experience = hooks.wrap_with_heartbeat(
+    generator._process_response_into_experience = heartbeat.wrap_with_heartbeat(
         generator._process_response_into_experience, "generation")
     # ngrpo's refill loop only where a group filter needs it: without one, OpenRLHF's own loop
-    # generates (the rewards are checked before the advantages, hooks.wrap_compute_advantages).
-    if patch_config.active().group_filter != "none" and not getattr(generator._generate_vllm, "_ngrpo", False):
-        generator._generate_vllm = hooks.make_generate_vllm()
+    # generates (the rewards are checked before the advantages, advantages.wrap_compute_advantages).
+    # SGPO grades all-wrong groups there too (it sees each group whole, before the advantages).
+    wanted = patch_config.active().group_filter != "none" or bool(patch_config.active().sgpo)
+    if wanted and not getattr(generator._generate_vllm, "_ngrpo", False):
+        generator._generate_vllm = sampling.make_generate_vllm()
 
 
 def _patch_deepspeed_strategy(ds_strategy):
-    from openrlhf_patch import hooks
+    from openrlhf_patch import optimizer
 
     # DeepspeedStrategy builds its DeepSpeed config from the name imported into its module.
-    ds_strategy.get_train_ds_config = hooks.wrap_train_ds_config(ds_strategy.get_train_ds_config)
+    ds_strategy.get_train_ds_config = optimizer.wrap_train_ds_config(ds_strategy.get_train_ds_config)
 
 
 # module -> ngrpo's hook patch, applied when (if ever) the process imports it: the vLLM rollout
@@ -186,7 +195,7 @@ def check_cuda_uninitialised() -> None:
             "CUDA_VISIBLE_DEVICES for this worker. Something that openrlhf_patch.install.apply() imports or runs "
             "made a CUDA call (a tensor on cuda, torch.cuda.current_device(), a CUDA RNG seed): move it out of the "
             "hook, into code that runs inside the Ray actor. GPU runs also need PYTORCH_NVML_BASED_CUDA_CHECK=1 "
-            "in the Ray runtime env (pipelines.gpu_run.GPU_WORKER_ENV), so that torch.cuda.is_available() does not "
+            "in the Ray runtime env (pipelines.launch.gpu_run.GPU_WORKER_ENV), so that torch.cuda.is_available() does not "
             "initialise the CUDA driver either."
         )
 

@@ -27,7 +27,7 @@ How, in OpenRLHF's own code paths:
     prompt loader serves every prompt, batch size 1) is not one optimizer step and leaves
     DeepSpeed's accumulation window shifted for every later step: from that rollout on, the run
     computes old log-probs with OpenRLHF's forward (logged once).
-  * policy (`PolicyLossWithClipBounds` in hooks.py): a None old log-prob is `log_probs.detach()`.
+  * policy (`PolicyLossWithClipBounds` in policy_loss.py): a None old log-prob is `log_probs.detach()`.
   * policy (`wrap_ppo_train`, `check_weights_unchanged`): a micro-batch without old log-probs after
     the optimizer has stepped within the same ppo_train is an error, never a silent off-policy step.
 

@@ -34,7 +34,7 @@ class Symbol(NamedTuple):
 
 
 SYMBOLS = (
-    # openrlhf_patch/hooks.py
+    # openrlhf_patch/advantages.py, policy_loss.py, sampling.py, run_logger.py, engines.py
     Symbol("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker.compute_advantages_and_returns",
            "wrapped"),
     Symbol("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker.get_cumulative_returns", "called"),
@@ -49,9 +49,9 @@ SYMBOLS = (
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator.generate_samples", "wrapped"),
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._generate_vllm", "replaced"),
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._dispatch_prompts_to_vllm",
-           "wrapped"),  # and called by hooks.py; tokenizer_once.py wraps it
+           "wrapped"),  # and called by sampling.py; cpu/tokenizer_once.py wraps it
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._process_response_into_experience",
-           "wrapped"),  # a heartbeat per response; and called by hooks.py
+           "wrapped"),  # a heartbeat per response; and called by sampling.py
     Symbol("openrlhf.trainer.ppo_utils.samples_generator", "_collect_prompt_batch", "called"),
     Symbol("openrlhf.utils.deepspeed.deepspeed", "get_train_ds_config", "wrapped"),
     # openrlhf_patch/old_log_probs.py
@@ -60,14 +60,14 @@ SYMBOLS = (
     Symbol("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker.make_experience", "wrapped"),
     Symbol("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker._dispatch_forward", "wrapped"),
     Symbol("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer.ppo_train", "wrapped"),
-    # openrlhf_patch/cpu_mode.py
+    # openrlhf_patch/cpu/cpu_mode.py
     Symbol("openrlhf.utils.distributed_util", "stateless_init_process_group", "replaced"),
     Symbol("openrlhf.trainer.ray.ppo_actor", "stateless_init_process_group", "replaced"),
-    Symbol("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer.broadcast_to_vllm", "wrapped"),  # and hooks.py's heartbeat
+    Symbol("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer.broadcast_to_vllm", "wrapped"),  # and heartbeat.py's heartbeat
     Symbol("openrlhf.trainer.ray.ppo_actor", "torch_dist_barrier_and_cuda_sync", "called"),
     Symbol("openrlhf.trainer.ppo_utils.replay_buffer", "NaiveReplayBuffer.__init__", "wrapped"),
     Symbol("openrlhf.utils.deepspeed.deepspeed", "init_device_mesh", "wrapped"),
-    # openrlhf_patch/cpu_layout.py and openrlhf_patch/cpu_vllm_worker.py
+    # openrlhf_patch/cpu/cpu_layout.py and openrlhf_patch/cpu/cpu_vllm_worker.py
     Symbol("openrlhf.trainer.ray.launcher", "RayActorGroup._initiate_actors", "wrapped"),
     Symbol("openrlhf.trainer.ppo_trainer", "PPOTrainer", "replaced"),
     Symbol("openrlhf.trainer.ray.vllm_worker_wrap", "WorkerWrap", "replaced"),  # by name: cpu_mode.py
@@ -80,7 +80,7 @@ SYMBOLS = (
     Symbol("openrlhf.models.model", "AutoConfig", "wrapped"),
     Symbol("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor", "wrapped"),
     Symbol("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "called"),
-    # pipelines/training.py and pipelines/warmup.py
+    # pipelines/launch/training.py and pipelines/launch/warmup.py
     Symbol("openrlhf.cli.train_ppo_ray", "train", "run"),
     Symbol("openrlhf.utils.config", "hierarchize", "wrapped"),
     Symbol("openrlhf.cli.train_sft", "train", "run"),
@@ -109,10 +109,10 @@ class Copy(NamedTuple):
 
 COPIES = (
     Copy("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker.compute_advantages_and_returns",
-         "openrlhf_patch/hooks.py: _core_advantages",
+         "openrlhf_patch/advantages.py: _core_advantages",
          "12128e83ceac9ad99bf65242cd41937eba2daa8a22d2ac1fb88ca24105be62b7"),
     Copy("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._generate_vllm",
-         "openrlhf_patch/hooks.py: make_generate_vllm",
+         "openrlhf_patch/sampling.py: make_generate_vllm",
          "e247285073a12d7a9d1ef8b6b792735dac3416453a6d901a69eecc60a6eb04b6"),
     # The policy's log-probs are NaN stand-ins where reuse skips its forward: what make_experience
     # computes from them decides which settings deferral_blocker must refuse.
@@ -121,16 +121,16 @@ COPIES = (
          "policy's log-probs)",
          "b9aad8fe97a836d45d94c8165d30ff49b46bc11c5491ef6b87cba6ade8e74d22"),
     Copy("openrlhf.trainer.ray.ppo_actor", "ActorPPOTrainer.broadcast_to_vllm",
-         "openrlhf_patch/cpu_mode.py: broadcast_to_vllm_in_buckets (its gloo path)",
+         "openrlhf_patch/cpu/cpu_mode.py: broadcast_to_vllm_in_buckets (its gloo path)",
          "008380438e5ac7e368cb93eeba196f3528690b15cf5d66cb4f1674b9cea3a76e"),
     Copy("openrlhf.trainer.ray.vllm_worker_wrap", "WorkerWrap.init_process_group",
-         "openrlhf_patch/cpu_vllm_worker.py: CPUWorkerWrap.init_process_group",
+         "openrlhf_patch/cpu/cpu_vllm_worker.py: CPUWorkerWrap.init_process_group",
          "5287f1c43b6186861bed45bd53efb24d8e22f58f83805775bdf7ed0bb7328a96"),
     Copy("openrlhf.trainer.ray.vllm_worker_wrap", "WorkerWrap.update_weight",
-         "openrlhf_patch/cpu_vllm_worker.py: CPUWorkerWrap.update_weight",
+         "openrlhf_patch/cpu/cpu_vllm_worker.py: CPUWorkerWrap.update_weight",
          "8cae8477f5ac204c259ea76ec86524d6c210bfd8375ae37de8cd69d46f4dbfd9"),
     Copy("openrlhf.trainer.ray.launcher", "RayActorGroup._initiate_actors",
-         "openrlhf_patch/cpu_layout.py: _patch_actor_groups (how rank 0 of the policy is built)",
+         "openrlhf_patch/cpu/cpu_layout.py: _patch_actor_groups (how rank 0 of the policy is built)",
          "f312a900f770a5da334a7c80d30d04efa79f0e1bbb1ebd60afa44da8de4c2328"),
     Copy("openrlhf.utils.utils", "is_vlm_model",
          "openrlhf_patch/remote_code.py: make_is_vlm_model",

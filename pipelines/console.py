@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from pipelines import rundir
+from pipelines.launch import rundir
 
 ERROR_TAIL_LINES = 40  # lines of the log shown when a launch fails
 POLL_SECONDS = 0.5     # how often the progress thread looks at progress.json and metrics.jsonl

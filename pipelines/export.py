@@ -47,7 +47,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from pipelines import rundir
+from pipelines.launch import rundir
 from pipelines.models import is_hub_id
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -732,7 +732,7 @@ def _write_folder(tmp: Path, model, tokenizer, result: ExportResult, tokenizer_f
     result.weight_files = sorted(p.name for p in tmp.glob("*.safetensors"))
     eval_summary = None
     if src.run_dir:
-        from pipelines.report import read_eval_summary
+        from pipelines.studies.report import read_eval_summary
 
         eval_summary = read_eval_summary(src.run_dir)
     (tmp / _CARD).write_text(model_card(result, eval_summary=eval_summary))

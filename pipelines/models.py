@@ -35,7 +35,7 @@ try:  # a ModelError is also a click error: the CLI prints its one line and exit
 except ImportError:  # pragma: no cover
     _ErrorBase = Exception
 
-RUN_MANIFEST = "ngrpo_run.json"  # (pipelines.rundir.MANIFEST; repeated here to keep this module import-light)
+RUN_MANIFEST = "ngrpo_run.json"  # (pipelines.launch.rundir.MANIFEST; repeated here to keep this module import-light)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 GGUF_PROVENANCE = "ngrpo_gguf.json"
 

@@ -1,7 +1,10 @@
-"""The reward file OpenRLHF 0.11.2 loads for every ngrpo run (docs/ALGORITHM.md §6); grading is pipelines/grading.py.
+"""The reward file OpenRLHF 0.11.2 loads for every ngrpo run (docs/ALGORITHM.md §6); grading is pipelines/datasets/grading.py.
 
 Default reward: 1.0 when the response's final answer (its last ``\\boxed{}``) is equivalent to the
-label under math-verify, else 0.0. No format reward. With ``ngrpo train --reward-file FILE`` the
+label under math-verify, else 0.0. No format reward. With abstention (a run whose recipe sets
+``uncertain_reward``, UCPO and GRPO-UC, docs/ALGORITHM.md §8) a response whose final boxed answer is
+an abstention phrase (pipelines/datasets/abstention.py) gets ``uncertain_reward`` instead, decided
+before math-verify runs, and is not graded. With ``ngrpo train --reward-file FILE`` the
 user's ``reward_func`` in FILE is called instead, through this file, so that its errors and bad
 outputs reach the user (OpenRLHF itself logs a reward function's exception at INFO level and
 trains on without a reward). It can also be used directly::
@@ -17,14 +20,17 @@ query::
 
     {"rewards": tensor([...]), "scores": tensor([...]),
      "extra_logs": {"no_boxed_frac": tensor([...]), "grader_timeouts": tensor([...])}}
+     # with abstention also "uncertain_frac": 1 for an abstention
 
 OpenRLHF logs each extra_logs value per sample and averages it, so the per-sample 0/1 indicators
 become the share of responses without an answer and the share whose grading timed out.
 
 Environment (set by ``ngrpo train``): ``NGRPO_ANSWER_EXTRACTION`` "boxed" (default) or "authors"
-(pipelines.grading.extract_answer); ``NGRPO_USER_REWARD_FILE`` the user's reward file (and
+(pipelines.datasets.grading.extract_answer); ``NGRPO_USER_REWARD_FILE`` the user's reward file (and
 ``NGRPO_USER_REWARD_COPY`` its copy in Ray's working_dir, for nodes without the original);
-``NGRPO_RUN_DIR`` where a failure of the user's function is written (logs/reward_error.txt).
+``NGRPO_RUN_DIR`` where a failure of the user's function is written (logs/reward_error.txt);
+``NGRPO_PATCH_CONFIG`` (openrlhf_patch/config.py, in every Ray worker) whose estimator options
+``uncertain_reward`` and ``abstention_phrases`` turn abstention on.
 
 A failing user function is logged once per process with its traceback (a deep one cut to its
 first and last frames); the same error again is only counted, in a line at the 10th, 100th, ...
@@ -34,6 +40,7 @@ its traceback, 600 MB of run log and 430 MB of Ray logs in under two minutes.
 """
 import functools
 import importlib.util
+import json
 import os
 import sys
 import threading
@@ -42,12 +49,14 @@ from pathlib import Path
 
 import torch
 
-from pipelines.grading import grade_many, split_response
+from openrlhf_patch.reward_checks import REWARD_ERROR_FILE
+from pipelines.datasets.abstention import abstentions
+from pipelines.datasets.grading import grade_many, split_response
 
 USER_REWARD_ENV = "NGRPO_USER_REWARD_FILE"
 USER_REWARD_COPY_ENV = "NGRPO_USER_REWARD_COPY"
 RUN_DIR_ENV = "NGRPO_RUN_DIR"
-ERROR_FILE = Path("logs") / "reward_error.txt"
+ERROR_FILE = Path(REWARD_ERROR_FILE)
 _error_lock = threading.Lock()
 
 
@@ -61,8 +70,25 @@ def reward_func(queries, prompts, labels, **kwargs):
     return math_verify_reward(queries, prompts, labels)
 
 
-def math_verify_reward(queries, prompts, labels):
-    """1.0 if the response's answer is equivalent to the label, else 0.0."""
+def abstention_settings(environ=os.environ):
+    """(uncertain_reward, abstention_phrases) of this run's estimator options (NGRPO_PATCH_CONFIG),
+    or None when the run has no abstention (no uncertain_reward, or no patch config at all)."""
+    from openrlhf_patch.config import ENV_VAR
+
+    raw = environ.get(ENV_VAR)
+    options = (json.loads(raw).get("estimator_options") or {}) if raw else {}
+    if options.get("uncertain_reward") is None:
+        return None
+    from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS
+
+    return float(options["uncertain_reward"]), options.get("abstention_phrases",
+                                                           ESTIMATOR_OPTIONS["abstention_phrases"][0])
+
+
+def math_verify_reward(queries, prompts, labels, abstention=None):
+    """1.0 if the response's answer is equivalent to the label, else 0.0. With ABSTENTION
+    (uncertain_reward, phrases), default `abstention_settings()`, a response whose final boxed
+    answer is an abstention phrase gets uncertain_reward and is not graded."""
     queries = list(queries)
     prompts = list(prompts) if prompts is not None else [None] * len(queries)
     labels = list(labels) if labels is not None else [None] * len(queries)
@@ -70,16 +96,21 @@ def math_verify_reward(queries, prompts, labels):
         raise ValueError(f"reward_func: {len(queries)} queries, {len(prompts)} prompts, {len(labels)} labels")
     responses = [split_response(q, p) for q, p in zip(queries, prompts)]
     golds = ["" if label is None else str(label) for label in labels]
-    results = grade_many(responses, golds, extraction=os.environ.get("NGRPO_ANSWER_EXTRACTION", "boxed"))
-    rewards = _floats([r.correct for r in results])
-    return {
-        "rewards": rewards,
-        "scores": rewards.clone(),
-        "extra_logs": {
-            "no_boxed_frac": _floats([r.extracted is None for r in results]),
-            "grader_timeouts": _floats([r.timed_out for r in results]),
-        },
+    abstention = abstention_settings() if abstention is None else abstention
+    # Abstentions first: they are never graded (their gold could even be "unknown").
+    uncertain = abstentions(responses, abstention[1]) if abstention else [False] * len(responses)
+    graded = [i for i, u in enumerate(uncertain) if not u]
+    results = dict(zip(graded, grade_many([responses[i] for i in graded], [golds[i] for i in graded],
+                                          extraction=os.environ.get("NGRPO_ANSWER_EXTRACTION", "boxed"))))
+    values = [abstention[0] if u else (1.0 if results[i].correct else 0.0) for i, u in enumerate(uncertain)]
+    rewards = torch.tensor(values, dtype=torch.float32)
+    extra_logs = {
+        "no_boxed_frac": _floats([not u and results[i].extracted is None for i, u in enumerate(uncertain)]),
+        "grader_timeouts": _floats([not u and results[i].timed_out for i, u in enumerate(uncertain)]),
     }
+    if abstention:
+        extra_logs["uncertain_frac"] = _floats(uncertain)
+    return {"rewards": rewards, "scores": rewards.clone(), "extra_logs": extra_logs}
 
 
 def _floats(flags):
@@ -177,9 +208,3 @@ def record_error(path) -> None:
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text)
-
-
-def recorded_error(run_dir) -> str:
-    """The first failure of the user's reward function in RUN_DIR's launch, or ''."""
-    path = Path(run_dir or "") / ERROR_FILE
-    return path.read_text() if run_dir and path.exists() else ""

@@ -46,7 +46,7 @@ def data_layout_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random-init Qwen2 model + tokenizer saved with save_pretrained (built once per session)."""
-    from pipelines.tiny_model import build_tiny_model
+    from pipelines.launch.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model", seed=0)
 

@@ -59,8 +59,8 @@ COIN_REWARD = textwrap.dedent('''
 _RUN_SCRIPT = textwrap.dedent('''
     import dataclasses, json, sys
     from pathlib import Path
-    from pipelines import rundir, training
-    from pipelines.recipes import build_recipe
+    from pipelines.launch import rundir, training
+    from pipelines.launch.recipes import build_recipe
 
     spec = json.loads(sys.argv[1])
     run = Path(spec["run_dir"])
@@ -123,7 +123,7 @@ def make_run(run_dir: Path, model_dir: Path, reward_file: Path, algo: str, overr
 
 def build_runs(root: Path) -> dict:
     """{"model": base model folder, "ngrpo": run dir, "grpo": run dir} under ROOT (reused when finished)."""
-    from pipelines.tiny_model import build_tiny_model
+    from pipelines.launch.tiny_model import build_tiny_model
 
     root.mkdir(parents=True, exist_ok=True)
     model_dir = root / "base_model"

@@ -1,9 +1,9 @@
-"""pipelines/arith.py: levels of >= 10,000 distinct questions, and splits disjoint by question."""
+"""pipelines/datasets/arith.py: levels of >= 10,000 distinct questions, and splits disjoint by question."""
 import itertools
 
 import pytest
 
-from pipelines import arith
+from pipelines.datasets import arith
 
 
 def _all_expressions(level: arith.Level):

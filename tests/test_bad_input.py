@@ -2,7 +2,7 @@
 line naming the file, the line, the field and why (or a file-level reason), write nothing, and
 never hang or show a traceback. Real files (invalid bytes, a FIFO, ...) through the real CLI.
 
-Both commands apply the same row rules (pipelines.data.check_row): a JSON number is an answer
+Both commands apply the same row rules (pipelines.datasets.data.check_row): a JSON number is an answer
 as written in the file (42 -> "42", 1.50 -> "1.50"); a boolean, NaN or an infinity is not; a gold
 answer math-verify cannot parse is refused by both.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.data import DataError, load_problems
+from pipelines.datasets.data import DataError, load_problems
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 180  # a FIFO read would block forever: the test fails at the timeout instead of hanging

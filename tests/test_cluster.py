@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import arith, rundir, training
+from pipelines.datasets import arith
+from pipelines.launch import rundir, training
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--preset", "cpu-tiny"]

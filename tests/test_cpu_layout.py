@@ -1,4 +1,4 @@
-"""CPU mode's process layout (openrlhf_patch/cpu_layout.py): the trainer and the policy in the
+"""CPU mode's process layout (openrlhf_patch/cpu/cpu_layout.py): the trainer and the policy in the
 driver (vLLM's engine core in a thread: tests/test_vllm_engine_thread.py). Both run inside real training runs in
 tests/test_train_pipeline.py (the launch log's "[ngrpo] CPU layout" lines, the patch counted per
 worker, the same data order as in OpenRLHF's own layout); here are their edges."""
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from openrlhf_patch import cpu_layout
+from openrlhf_patch.cpu import cpu_layout
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def test_an_in_process_actor_behaves_like_the_ray_actor_it_replaces():
     store, and the seed hook run right before the constructor."""
     out = _python("""
         import os, ray, torch
-        from openrlhf_patch.cpu_layout import InProcessActor
+        from openrlhf_patch.cpu.cpu_layout import InProcessActor
 
         @ray.remote
         class Trainer:
@@ -72,7 +72,7 @@ def test_an_in_process_actor_keeps_what_its_own_process_would_give_it():
     out = _python("""
         import random, ray, torch
         import numpy as np
-        from openrlhf_patch.cpu_layout import InProcessActor
+        from openrlhf_patch.cpu.cpu_layout import InProcessActor
 
         @ray.remote
         class Policy:
@@ -112,8 +112,8 @@ def test_policy_in_driver_takes_one_policy_actor_for_one_launch():
     out = _python("""
         import json, os, ray, torch
         os.environ["MASTER_PORT"] = "1234"
-        from openrlhf_patch import cpu_layout
-        from openrlhf_patch.cpu_mode import ensure_flash_attn_importable
+        from openrlhf_patch.cpu import cpu_layout
+        from openrlhf_patch.cpu.cpu_mode import ensure_flash_attn_importable
         ensure_flash_attn_importable()
         from openrlhf.trainer.ray.launcher import RayActorGroup, ReferenceModelActor
         from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
@@ -158,7 +158,7 @@ def test_a_driver_that_imported_torch_first_still_runs_without_torch_compile():
         os.environ.pop("TORCHDYNAMO_DISABLE", None)
         import torch._dynamo
         before = torch._dynamo.config.disable
-        from openrlhf_patch import cpu_mode
+        from openrlhf_patch.cpu import cpu_mode
         cpu_mode.apply_cpu_patches()
         print(before, torch._dynamo.config.disable, os.environ["TORCHDYNAMO_DISABLE"])
     """)
@@ -171,7 +171,7 @@ def test_the_driver_freezes_its_imported_stack_but_still_collects_what_the_run_m
     out = _python("""
         import gc, weakref
         import torch
-        from openrlhf_patch.cpu_layout import freeze_imported_objects
+        from openrlhf_patch.cpu.cpu_layout import freeze_imported_objects
 
         class Node:
             pass

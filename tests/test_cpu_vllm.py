@@ -1,5 +1,5 @@
 """CPU mode's vLLM engine: the KV cache sized to the rollout, and the actor -> vLLM weight sync in
-buckets (openrlhf_patch/cpu_mode.py, cpu_vllm_worker.py).
+buckets (openrlhf_patch/cpu/cpu_mode.py, cpu_vllm_worker.py).
 
 The bucketing is pure; the receiver is run against a real two-rank gloo group (two threads, the
 sender doing what `broadcast_to_vllm_in_buckets` does for one bucket). Its run inside real Ray
@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from openrlhf_patch.cpu_mode import KV_CACHE_FALLBACK_BYTES, GlooBroadcastGroup, kv_cache_bytes, weight_buckets
-from pipelines.warmup import _free_port  # the port helper of the warm-up's own gloo group
+from openrlhf_patch.cpu.cpu_mode import KV_CACHE_FALLBACK_BYTES, GlooBroadcastGroup, kv_cache_bytes, weight_buckets
+from pipelines.launch.warmup import _free_port  # the port helper of the warm-up's own gloo group
 
 
 def test_kv_cache_holds_one_rollout_at_full_length(tmp_path):
@@ -56,7 +56,7 @@ def _receiver_and_sender():
     [t.join(60) for t in threads]
     loaded = []
     model = SimpleNamespace(load_weights=lambda weights: loaded.extend((n, t.clone()) for n, t in weights))
-    from openrlhf_patch.cpu_vllm_worker import CPUWorkerWrap
+    from openrlhf_patch.cpu.cpu_vllm_worker import CPUWorkerWrap
 
     worker = CPUWorkerWrap()
     worker._model_update_group = groups[1]
@@ -132,7 +132,7 @@ def test_cpu_mode_bounds_onednn_kernel_caches():
     ~250 MB (vLLM's engine core grew ~2.3 MB a training step); capped, by what 64 kernels take."""
     import os
 
-    from openrlhf_patch.cpu_mode import ONEDNN_CACHE_ENV, cpu_env
+    from openrlhf_patch.cpu.cpu_mode import ONEDNN_CACHE_ENV, cpu_env
 
     base = {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHE_ENV}
     uncapped = _matmul_shapes_growth_mb({**base, **{k: "1024" for k in ONEDNN_CACHE_ENV}})

@@ -1,4 +1,4 @@
-"""pipelines/early_ray.py with a real local Ray: the node started in the background is the one the
+"""openrlhf_patch/cpu/early_ray.py with a real local Ray: the node started in the background is the one the
 launch's ray.init connects to (its runtime env reaches the workers), a node started with other
 settings is stopped before the launch starts its own, and a check that fails after the node started
 leaves none of Ray's processes behind (through `ngrpo train`). That every `ngrpo train` launch of
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from fixtures_runs import left_in_tmp, tiny_runs  # noqa: F401 - the session fixture
-from pipelines import early_ray, training
-from pipelines.recipes import build_recipe
+from openrlhf_patch.cpu import early_ray
+from pipelines.launch import training
+from pipelines.launch.recipes import build_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,7 @@ def test_a_ray_that_connects_elsewhere_is_undone_and_declined(monkeypatch):
 
 FAILING_CHECK = """
 import sys
-from pipelines import early_ray
+from openrlhf_patch.cpu import early_ray
 started = []
 start = early_ray.start
 early_ray.start = lambda kwargs: started.append(start(kwargs)) or started[-1]
@@ -201,7 +202,7 @@ def _early_node_with_a_task_run():
 
 
 def test_the_raylet_runs_the_agent_stand_in_and_takes_its_ports(tmp_path):
-    """The raylet of the early node starts pipelines/ray_agent_stand_in.py, not Ray's dashboard agent;
+    """The raylet of the early node starts openrlhf_patch/cpu/ray_agent_stand_in.py, not Ray's dashboard agent;
     it takes the stand-in's "-1" ports (Ray's services off), runs tasks, and the stand-in ends with it."""
     with _early_node_with_a_task_run() as (node, children):
         stand_ins = [pid for pid, cmd in children if _is_stand_in(cmd)]
@@ -235,7 +236,7 @@ def test_with_another_ray_the_raylet_runs_rays_own_agent(monkeypatch, capfd):
 def test_the_agent_flag_keeps_the_agents_arguments():
     flag = early_ray.DASHBOARD_AGENT_FLAG + subprocess.list2cmdline(
         ["/venv/bin/python", "-u", "/venv/ray/dashboard/agent.py", "--node-id=ab12", "--session-dir=/tmp/s x"])
-    stand_in = "/repo/pipelines/ray_agent_stand_in.py"
+    stand_in = "/repo/openrlhf_patch/cpu/ray_agent_stand_in.py"
     command = early_ray._with_stand_in(flag, stand_in)[len(early_ray.DASHBOARD_AGENT_FLAG):]
     import shlex
     assert shlex.split(command) == [sys.executable, "-S", stand_in, "--node-id=ab12", "--session-dir=/tmp/s x"]

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from ngrpo_cli.main import cli
-from pipelines import evaluation
+from pipelines.evaluate import evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = ["--benchmarks", "math500,amc23", "--limit", "2", "--n", "2", "--temperature", "0",
@@ -134,7 +134,7 @@ def test_compiled_vllm_samples_what_eager_vllm_samples(vllm_greedy, tiny_model_d
 
 
 def test_vllm_compile_auto_compiles_large_cpu_jobs_only():
-    from pipelines.evaluation import COMPILE_MIN_BUDGET_TOKENS, EvalError, vllm_enforce_eager
+    from pipelines.evaluate.evaluation import COMPILE_MIN_BUDGET_TOKENS, EvalError, vllm_enforce_eager
 
     big, small = COMPILE_MIN_BUDGET_TOKENS, COMPILE_MIN_BUDGET_TOKENS - 1
     assert vllm_enforce_eager("auto", on_gpu=False, budget_tokens=small) is True

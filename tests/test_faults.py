@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from fixtures_runs import tiny_runs  # noqa: F401  (session fixture: two finished 2-step runs)
 from ngrpo_cli.main import cli
-from pipelines import rundir
+from pipelines.launch import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--preset", "cpu-tiny"]
@@ -116,7 +116,7 @@ def test_preflight_starts_no_ray(tmp_path, data):
 
 LOCK_HOLDER = textwrap.dedent('''
     import sys, time
-    from pipelines.rundir import RunLock
+    from pipelines.launch.rundir import RunLock
     RunLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(600)
@@ -241,7 +241,7 @@ def test_a_vllm_engine_that_fails_to_start_stops_the_run_at_once(tmp_path, tiny_
     ("KeyError: " + "k" * 700, "KeyError: " + "k" * 590 + " ..."),
 ])
 def test_an_engine_error_is_cut_to_its_last_exception(text, expected):
-    from openrlhf_patch.hooks import _last_exception
+    from openrlhf_patch.engines import _last_exception
 
     assert _last_exception(text) == expected
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from child_process import sigint_as_in_a_terminal
 
-from pipelines import rundir
+from pipelines.launch import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--preset", "cpu-tiny"]
@@ -111,7 +111,7 @@ def _wait_for(predicate, timeout, what, proc=None):
 
 OWNER_THEN_SLEEP = textwrap.dedent('''
     import sys, time
-    from openrlhf_patch import cpu_mode
+    from openrlhf_patch.cpu import cpu_mode
     with cpu_mode.vllm_scratch_dir({}) as path:
         print(path, flush=True)
         time.sleep(600)
@@ -132,7 +132,7 @@ def test_stale_vllm_folders_go_and_live_ones_stay(sandbox):
     owner's reaper removes its folder at once."""
     import socket
 
-    from openrlhf_patch import cpu_mode
+    from openrlhf_patch.cpu import cpu_mode
 
     host = socket.gethostname()
     gone = subprocess.Popen(["true"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipelines import rundir, training
+from pipelines.launch import rundir, training
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--preset", "cpu-tiny"]
@@ -248,7 +248,7 @@ def test_a_stopped_vllm_engine_stops_the_run_after_the_stall_timeout(tmp_path, t
 
 DEAF_MAIN_THREAD = textwrap.dedent('''
     import json, signal, subprocess, sys, time
-    from pipelines import rundir, watchdog
+    from pipelines.launch import rundir, watchdog
 
     run = sys.argv[1]
     rundir.write_manifest(run, {"status": "running"})
@@ -267,7 +267,7 @@ DEAF_MAIN_THREAD = textwrap.dedent('''
 
 def test_the_stall_timeout_defaults_and_what_a_manifest_may_hold():
     from openrlhf_patch.config import PatchConfig
-    from pipelines import watchdog
+    from pipelines.launch import watchdog
 
     assert watchdog.timeout_of(PatchConfig(device="cpu")) == 600 and watchdog.timeout_of(PatchConfig()) == 1800
     assert watchdog.timeout_of(PatchConfig(device="cpu", stall_timeout=0)) == 0  # off

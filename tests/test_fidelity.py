@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ngrpo_cli.main import cli
-from pipelines import rundir
+from pipelines.launch import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--preset", "cpu-tiny"]

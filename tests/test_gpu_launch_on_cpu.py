@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from openrlhf_patch.config import PatchConfig
-from pipelines import gpu_run, training
-from pipelines.recipes import build_recipe
+from pipelines.launch import gpu_run, training
+from pipelines.launch.recipes import build_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_gpu_attention_is_sdpa_without_flash_attn(monkeypatch, usable):
 
 
 def test_flash_attn_stub_is_not_a_usable_flash_attn():
-    from openrlhf_patch import cpu_mode
+    from openrlhf_patch.cpu import cpu_mode
 
     cpu_mode.ensure_flash_attn_importable()  # the stub is importable from here on
     gpu_run.flash_attn_usable.cache_clear()

@@ -1,12 +1,12 @@
-"""pipelines/gpu_memory.py on CPU: Qwen2.5-Math-7B's real shape, every recipe, hand-checked numbers."""
+"""pipelines/launch/gpu_memory.py on CPU: Qwen2.5-Math-7B's real shape, every recipe, hand-checked numbers."""
 import dataclasses
 from types import SimpleNamespace
 
 import pytest
 
-from pipelines import gpu_memory as gm
-from pipelines.gpu_run import GpuRunSettings, recipe_memory_setup
-from pipelines.recipes import ALGOS, build_recipe
+from pipelines.launch import gpu_memory as gm
+from pipelines.launch.gpu_run import GpuRunSettings, recipe_memory_setup
+from pipelines.launch.recipes import ALGOS, build_recipe
 
 # Qwen/Qwen2.5-Math-7B config.json
 QWEN_7B_CONFIG = {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
@@ -64,12 +64,14 @@ def test_proposed_gpu_preset_ngrpo_on_8x80_by_hand():
 def test_every_recipe_fits_8x80_with_the_proposed_gpu_preset(algo, packing):
     recipe = build_recipe(algo, "paper")
     setup = GpuRunSettings(packing=packing).memory_setup(recipe, **EIGHT_GPUS)
-    assert setup.reference == (algo in ("grpo", "ppo")) and setup.critic == (algo == "ppo")
+    assert setup.reference == (algo in ("grpo", "ppo", "grpo_uc", "ucpo", "reinforce_pp", "reinforce_pp_baseline", "sgpo")) \
+        and setup.critic == (algo == "ppo")
     report = gm.check_fit(QWEN_7B, setup, 80)
     assert report.fits, report.message
     est = report.estimate
     assert (est.reference is not None, est.critic is not None) == (setup.reference, setup.critic)
-    expected_train = {"grpo": 46.83, "ppo": 49.48}.get(algo, 44.06)  # + reference 1.77 + 1; + critic 1.65 + 1
+    expected_train = {"grpo": 46.83, "grpo_uc": 46.83, "ucpo": 46.83, "reinforce_pp": 46.83, "reinforce_pp_baseline": 46.83, "sgpo": 46.83,
+                      "ppo": 49.48}.get(algo, 44.06)  # + reference 1.77 + 1; + critic 1.65 + 1
     assert est.phases["train actor"] == pytest.approx(expected_train, abs=0.01)
     assert est.total < 0.95 * 80
 

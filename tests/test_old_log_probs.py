@@ -11,8 +11,8 @@ from fixtures_runs import make_run, tiny_runs  # noqa: F401 - the session fixtur
 from openrlhf_patch import config as patch_config
 from openrlhf_patch import install, old_log_probs
 from openrlhf_patch.config import PatchConfig
-from pipelines import rundir, training
-from pipelines.recipes import build_recipe
+from pipelines.launch import rundir, training
+from pipelines.launch.recipes import build_recipe
 
 REUSED = old_log_probs.REUSED_METRIC
 
@@ -225,9 +225,9 @@ def test_a_missing_old_log_prob_is_the_detached_training_one(patched):
     for old in (None, "detached"):
         log_probs = (torch.randn(3, 5, generator=torch.Generator().manual_seed(1)) - 2).requires_grad_()
         loss_fn = ppo_actor.PolicyLoss(clip_eps_low=0.16, clip_eps_high=0.24)
-        out = loss_fn(log_probs, None if old is None else log_probs.detach(), advantages, mask)
+        out, metrics = loss_fn.loss_and_metrics(log_probs, None if old is None else log_probs.detach(), advantages, mask)
         out[0].backward()
-        results.append((out[0].detach(), log_probs.grad, loss_fn.last_clip_fractions))
+        results.append((out[0].detach(), log_probs.grad, metrics))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert results[0][1].abs().sum() > 0 and results[0][2] == results[1][2]
 

@@ -1,6 +1,6 @@
 """OpenRLHF features under ngrpo's patch, and the logs users look for (issue 31, items 4 and 5).
 
-pipelines/features.py is the table: each OpenRLHF flag that changes how rollouts are made, rewarded,
+pipelines/launch/features.py is the table: each OpenRLHF flag that changes how rollouts are made, rewarded,
 batched or synced is tested here with a real CPU run of ngrpo's estimator, or refused before Ray
 starts with one line (the refusals are checked here: no run directory, no Ray node). Logging: the
 TensorBoard events every run writes, and `--wandb PROJECT` through OpenRLHF's own W&B logger,
@@ -19,8 +19,8 @@ import pytest
 
 from openrlhf_patch import config as patch_config
 from openrlhf_patch import old_log_probs
-from pipelines import features, rundir, training
-from pipelines.recipes import build_recipe
+from pipelines.launch import features, rundir, training
+from pipelines.launch.recipes import build_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--preset", "cpu-tiny"]

@@ -12,8 +12,8 @@ import torch
 from openrlhf_patch import config as patch_config
 from openrlhf_patch import install
 from openrlhf_patch.config import PatchConfig
-from pipelines import training
-from pipelines.recipes import ALGOS, build_recipe
+from pipelines.launch import training
+from pipelines.launch.recipes import ALGOS, build_recipe
 
 # docs/ALGORITHM.md §2, G = 8, binary rewards, k correct: (A+, A-) for NGRPO.
 TABLE_NGRPO = {0: (None, -0.3333), 1: (1.7638, -0.5040), 2: (1.3333, -0.6667), 3: (1.0541, -0.8433),
@@ -146,9 +146,14 @@ EXPECTED = {  # algo: (estimator given to OpenRLHF, clip low/high, kl init coef,
     "ppo": ("gae", (0.2, 0.2), 0.001, False, "none"),
     "dr_grpo": ("dr_grpo", (0.2, 0.2), 0.0, False, "none"),
     "rloo": ("rloo", (0.2, 0.2), 0.0, False, "none"),
+    "grpo_uc": ("group_norm", (0.2, 0.2), 0.001, True, "none"),
+    "ucpo": ("group_norm", (0.2, 0.2), 0.001, True, "drop_non_ternary"),
+    "reinforce_pp": ("reinforce", (0.2, 0.2), 0.001, False, "none"),
+    "reinforce_pp_baseline": ("reinforce_baseline", (0.2, 0.2), 0.001, True, "none"),
+    "sgpo": ("group_norm", (0.2, 0.2), 0.001, True, "none"),
 }
 # The baselines whose estimator is OpenRLHF's own: ngrpo's patch computes no advantage for them.
-UPSTREAM_ESTIMATOR_ALGOS = ("grpo", "dapo", "ppo", "dr_grpo", "rloo")
+UPSTREAM_ESTIMATOR_ALGOS = ("grpo", "dapo", "ppo", "dr_grpo", "rloo", "grpo_uc", "reinforce_pp", "reinforce_pp_baseline")
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -184,7 +189,7 @@ def test_every_recipe_passes_openrlhf_parser(patched, algo, device):
     else:
         assert args.train.colocate_all and args.vllm.num_engines == 8
     # What `ngrpo train` starts Ray's node with before OpenRLHF's parser is imported
-    # (pipelines/early_ray.py), with and without a user's passthrough flags, which win as in the parser.
+    # (openrlhf_patch/cpu/early_ray.py), with and without a user's passthrough flags, which win as in the parser.
     argv = training.build_openrlhf_argv(build_recipe(algo, "paper"), model="Qwen/Qwen2.5-Math-7B", layout=layout)
     assert training.logical_gpus_from_argv(argv) == training.logical_gpus_needed(args)
     extra = ["--actor.num_gpus_per_node", "3", "--vllm.num_engines", "2", "--critic.num_nodes", "2"]
@@ -226,9 +231,37 @@ def test_clip_fractions_are_counted_at_their_own_bound(patched):
     # 2: A > 0, ratio 0.5 (below the lower bound, but for A > 0 only the upper bound binds)
     ratio = torch.tensor([[0.5, 0.5], [1.5, 1.0], [0.5, 0.5]])
     advantages = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [1.0, 1.0]])
-    loss_fn(ratio.log(), old, advantages, torch.ones(3, 2, dtype=torch.bool))
-    fractions = {k: v.item() for k, v in loss_fn.last_clip_fractions.items()}
+    out, metrics = loss_fn.loss_and_metrics(ratio.log(), old, advantages, torch.ones(3, 2, dtype=torch.bool))
+    fractions = {k: v.item() for k, v in metrics.items()}
+    assert len(out) == 5 and torch.equal(out[0], loss_fn(ratio.log(), old, advantages, torch.ones(3, 2, dtype=torch.bool))[0])
     assert fractions == pytest.approx({"clip_frac_low": 2 / 6, "clip_frac_high": 1 / 6})
+
+
+def test_the_loss_hooks_metrics_reach_the_step_through_the_experiences_info(patched):
+    """The wrapped training step hands upstream's code a loss that writes ngrpo's metrics into the
+    micro-batch's info, which upstream merges into the step's metrics (a stand-in for the rest of
+    upstream's training step: it calls self.actor_loss_fn and merges experience.info, as 0.11.2 does)."""
+    from types import SimpleNamespace
+
+    from openrlhf.trainer.ray import ppo_actor
+
+    def upstream_step(self, experience):
+        out = self.actor_loss_fn(ratio.log(), torch.zeros(3, 2), advantages, action_mask=mask)
+        return {"metrics": {"policy_loss": out[0].detach(), **experience.info}}
+
+    ratio = torch.tensor([[0.5, 0.5], [1.5, 1.0], [0.5, 0.5]])
+    advantages = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [1.0, 1.0]])
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    loss_fn = ppo_actor.PolicyLoss(clip_eps_low=0.16, clip_eps_high=0.24)
+    trainer = SimpleNamespace(actor_loss_fn=loss_fn)
+    experience = SimpleNamespace(info={}, action_log_probs=torch.zeros(3, 2))
+    from openrlhf_patch.policy_loss import wrap_training_step
+
+    status = wrap_training_step(upstream_step)(trainer, experience)
+    assert {k: round(v.item(), 6) for k, v in status["metrics"].items() if k.startswith("clip_frac")} == \
+        {"clip_frac_low": round(2 / 6, 6), "clip_frac_high": round(1 / 6, 6)}
+    assert status["metrics"]["policy_loss"] == loss_fn(ratio.log(), torch.zeros(3, 2), advantages, mask)[0]
+    assert trainer.actor_loss_fn is loss_fn  # put back after the step
 
 
 def test_kl_in_reward_and_length_penalties_apply_to_ngrpo_estimators(openrlhf_args, monkeypatch):
@@ -300,11 +333,11 @@ def test_every_estimator_has_a_recipe_and_every_option_a_flag():
     import dataclasses
 
     from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS, ESTIMATORS
-    from pipelines.recipes import ALGO_SETTINGS, ESTIMATOR_CHOICES, Recipe
+    from pipelines.launch.recipes import ALGO_SETTINGS, ESTIMATOR_CHOICES, Recipe
 
     fields = {f.name for f in dataclasses.fields(Recipe)}
     assert set(ESTIMATOR_OPTIONS) <= fields
-    from pipelines.recipes import UPSTREAM_ESTIMATORS
+    from pipelines.launch.recipes import UPSTREAM_ESTIMATORS
 
     for name, est in ESTIMATORS.items():
         assert name in ESTIMATOR_CHOICES and est.paper and est.summary

@@ -66,7 +66,7 @@ def test_eval_resumes_its_own_folder_and_overwrite_writes_into_the_users(tiny_mo
 
 
 def test_eval_into_an_empty_or_new_folder_is_fine(tiny_model_dir, problems, tmp_path):
-    from pipelines.evaluation import check_out_dir, foreign_files
+    from pipelines.evaluate.evaluation import check_out_dir, foreign_files
 
     (tmp_path / "empty").mkdir()
     for out in (tmp_path / "empty", tmp_path / "new"):
@@ -84,7 +84,7 @@ def user_folder(tmp_path):
 
 
 def test_train_refuses_a_folder_that_is_not_a_run(tiny_model_dir, problems, user_folder, monkeypatch):
-    from pipelines import training
+    from pipelines.launch import training
 
     def start_ray_early(*a, **k):
         raise AssertionError("Ray was started")
@@ -102,7 +102,7 @@ def test_train_refuses_a_folder_that_is_not_a_run(tiny_model_dir, problems, user
 
 def test_train_with_overwrite_writes_the_run_into_it(tiny_model_dir, problems, user_folder, monkeypatch):
     from ngrpo_cli import train_cmd
-    from pipelines import training
+    from pipelines.launch import training
 
     monkeypatch.setattr(training, "start_ray_early", lambda *a, **k: None)
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from ngrpo_cli import train_cmd
-from pipelines import gpu_run, training
-from pipelines.recipes import ALGOS, build_recipe
+from pipelines.launch import gpu_run, training
+from pipelines.launch.recipes import ALGOS, build_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALGOS_CHECKED = ("ngrpo", "grpo")
@@ -39,7 +39,7 @@ CPU_EVAL_EVERY = 2  # paper-cpu validates every 2 of its 3 steps (the paper: eve
 # clip range, an estimator, a filter, the KL, ZeRO, checkpointing, epochs, micro-batches, ...)
 # must be the same in the CPU run as in the GPU run.
 ALLOWED_DIFFERENCES = {
-    # sizes (pipelines/recipes.py PAPER_CPU)
+    # sizes (pipelines/launch/recipes.py PAPER_CPU)
     "--rollout.batch_size": "size: prompts per rollout, 1024 -> 8",
     "--rollout.n_samples_per_prompt": "size: responses per prompt (G), 8 -> 4",
     "--train.batch_size": "size: samples per optimizer step, 256 x 8 -> 2 x 4 (still a quarter of the rollout)",
@@ -101,7 +101,7 @@ def flag_diff(a: dict, b: dict) -> dict:
 @pytest.fixture
 def no_flash_attn(monkeypatch):
     """The default GPU install: no flash-attn usable, so sdpa and padded micro-batches (with it,
-    a GPU run adds packing and dynamic batching: pipelines/gpu_run.py)."""
+    a GPU run adds packing and dynamic batching: pipelines/launch/gpu_run.py)."""
     monkeypatch.setattr(gpu_run, "flash_attn_usable", lambda: False)
 
 

@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import pytest
 
-from pipelines.evaluation import ks_for, majority_vote, pass_at_k, summarise_benchmark
+from pipelines.evaluate.evaluation import ks_for, majority_vote, pass_at_k, summarise_benchmark
 
 
 def brute_force_pass_at_k(outcomes, k):

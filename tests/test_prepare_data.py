@@ -1,4 +1,4 @@
-"""`ngrpo prepare-data` and pipelines/data.py: every shared data file, bad inputs, overlap, synthetic data."""
+"""`ngrpo prepare-data` and pipelines/datasets/data.py: every shared data file, bad inputs, overlap, synthetic data."""
 import json
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ngrpo_cli.main import cli
-from pipelines.data import DataError, load_problems, normalise_text
+from pipelines.datasets.data import DataError, load_problems, normalise_text
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,9 @@ def test_small_files(shared_data_dir, tmp_path, rel, rows, source):
     recs = read_jsonl(out)
     assert len(recs) == rows
     assert f"wrote {rows} problems" in result.output
-    assert all(set(r) == {"id", "problem", "answer", "source", "metadata"} for r in recs)
+    # a row's reference solution is kept (SGPO's judge reads it): MATH-500 and AIME 2024 have one in every row
+    fields = {"id", "problem", "answer", "source", "metadata"} | ({"solution"} if source in ("math500-test", "aime24-test") else set())
+    assert all(set(r) == fields for r in recs), {k for r in recs for k in r} ^ fields
     assert all(r["source"] == source and r["id"].startswith(source + "/") for r in recs)
     assert len({r["id"] for r in recs}) == rows
     assert all(r["problem"].strip() and r["answer"].strip() for r in recs)
@@ -59,6 +61,7 @@ def test_math500_record_exact(shared_data_dir, tmp_path):
     out = tmp_path / "m.jsonl"
     assert run("math500", "--data-dir", shared_data_dir, "-o", out, "--check-overlap", "none").exit_code == 0
     first = read_jsonl(out)[0]
+    assert first.pop("solution").startswith("We have that $r = \\sqrt{0^2 + 3^2} = 3.$  Also, if we draw")  # SGPO
     assert first == {
         "id": "math500/test/precalculus/807.json",
         "problem": "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.  Enter your answer in "
@@ -151,6 +154,14 @@ GOOD = {"problem": "What is 1 + 1?", "answer": "2"}
     ({"problem": "What?", "answer": ""}, "answer", "missing or empty answer"),
     ({"problem": "What?", "answer": "@@@"}, "answer", "math-verify cannot parse the gold answer '@@@'"),
     ({"problem": "What?", "answer": "\\frac{"}, "answer", "math-verify cannot parse the gold answer '\\\\frac{'"),
+    # an unclosed \boxed{ used to pass the check (math-verify parses a part of it) and could never be matched
+    ({"problem": "What?", "answer": "\\boxed{5"}, "answer",
+     "malformed answer '\\\\boxed{5': the \\boxed{ at character 1 is never closed, so no response could match it"),
+    ({"problem": "What?", "answer": "$\\boxed{1}, \\boxed{2$"}, "answer",
+     "malformed answer '$\\\\boxed{1}, \\\\boxed{2$': the \\boxed{ at character 13 is never closed, "
+     "so no response could match it"),
+    ({"problem": "What?", "solution": "So $x = \\boxed{4}$, or rather $\\boxed{5$."}, "solution",
+     "malformed solution: the \\boxed{ at character 32 is never closed, so its boxed answer is unknown"),
     ({"problem": "What?", "solution": "no box here"}, "answer (or a \\boxed{} answer in solution)",
      "missing or empty answer"),
     ('{"problem": "What?", "answer": ', "json", "invalid JSON"),
@@ -237,6 +248,75 @@ def test_local_dataset_folder_goes_through_datasets_load_dataset(tmp_path):
         {"id": "my_dataset/0", "problem": "What is 6 * 7?", "answer": "42", "source": "my_dataset",
          "metadata": {"level": 2}},
         {"id": "my_dataset/1", "problem": "What is 1/2 + 1/2?", "answer": "1", "source": "my_dataset", "metadata": {}}]
+
+
+def test_label_of_several_boxes_keeps_them_all(tmp_path):
+    """A solution (or label) that boxes each part of its answer gives all the parts, as math-verify
+    reads such a gold answer; one that boxes its answer once per method gives it once; MATH's
+    "(Either point is an acceptable answer.)" keeps the last box."""
+    src = write_jsonl(tmp_path / "boxes.jsonl", [
+        {"id": 1, "problem": "P1", "solution": "the points are $\\boxed{(-2,18)}$ and $\\boxed{(8,38)}$."},
+        {"id": 2, "problem": "P2", "answer": "$$\\boxed{2}, \\boxed{3}, \\boxed{5}, \\boxed{7}, \\boxed{13}$$"},
+        {"id": 3, "problem": "P3", "solution": "So $g(x)=\\boxed{2x+1}$ or $g(x)=\\boxed{-2x-1}$."},
+        {"id": 4, "problem": "P4", "solution": "$\\sqrt{64 + 36} = \\boxed{10}$.\n\n- OR -\n\nthe hypotenuse is $\\boxed{10}$."},
+        {"id": 5, "problem": "P5", "solution": "$\\log_24=\\boxed{2}$, so $\\log_2(4^2) = \\boxed{4}$"},
+        {"id": 6, "problem": "P6", "solution": "two points: $\\boxed{(-5, 7)}$ and $\\boxed{(-5, 1)}.$ (Either point is "
+                                             "an acceptable answer.)"},
+    ])
+    out = tmp_path / "o.jsonl"
+    result = run(src, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert [r["answer"] for r in read_jsonl(out)] == [
+        "(-2,18), (8,38)", "2, 3, 5, 7, 13", "2x+1, -2x-1", "10", "4", "(-5, 1)"]
+
+
+def test_load_problems_refuses_an_unclosed_box(tmp_path):
+    """`ngrpo train` reads its problems with load_problems: the same check, naming file, line and field."""
+    p = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "problem": "x", "answer": "1"},
+                                           {"id": "b", "problem": "y", "answer": "\\boxed{2"}])
+    with pytest.raises(DataError) as err:
+        load_problems(p, check_answers=False)
+    assert str(err.value) == (f"{p}: line 2: field 'answer': malformed answer '\\\\boxed{{2': the \\boxed{{ at "
+                              "character 1 is never closed, so no response could match it")
+
+
+@pytest.mark.slow
+def test_math_labels_changed_by_joining_boxes(shared_data_dir):
+    """The labels that joining adjacent boxes changes (issue 33 item 7): 12 of MATH train, 8 of MATH
+    test (each against the solution's last box alone), none of MATH500 (its labels are its
+    `answer` field, which has no box), and prepare-data reads them so."""
+    from pipelines.datasets.grading import extract_boxed, extract_boxed_answer
+
+    changed = {}
+    for split in ("train", "test"):
+        df = pd.read_parquet(shared_data_dir / "math" / f"{split}.parquet")
+        for rm, extra in zip(df["reward_model"], df["extra_info"]):
+            solution = rm["ground_truth"]["solution"]
+            if extract_boxed_answer(solution) != extract_boxed(solution):
+                changed[f"math-{split}/{extra['index']}"] = extract_boxed_answer(solution)
+    assert changed == LABELS_FROM_SEVERAL_BOXES
+    m500 = read_jsonl_plain(shared_data_dir / "math500" / "test.jsonl")
+    assert sum(extract_boxed_answer(r["answer"]) is not None for r in m500) == 0
+    from pipelines.datasets.data import collect
+
+    recs, _ = collect(["math-train", "math-test"], data_dir=shared_data_dir, check_answers=False, progress=False)
+    answers = {r["id"]: r["answer"] for r in recs}
+    assert {k: answers[k] for k in changed} == LABELS_FROM_SEVERAL_BOXES
+
+
+# Every MATH label that differs from the solution's last box, and what it is now.
+LABELS_FROM_SEVERAL_BOXES = {
+    "math-train/334": "(-2,18), (8,38)", "math-train/504": "(-2, 23), (0, 1)",
+    "math-train/3460": "2x+1, -2x-1", "math-train/3694": "\\frac{1}{3}, -\\frac{5}{2}",
+    "math-train/3997": "1, 9", "math-train/5419": "28, 28_9",
+    "math-train/5446": "20\\!:\\!34, 8\\!:\\!34 \\text{ p.m.}", "math-train/6308": "-b+2, 2 - b",
+    "math-train/6780": "12, 18", "math-train/6816": "5, -3", "math-train/6843": "30^\\circ, 150^\\circ",
+    "math-train/7414": "\\frac{3}{2}, -3",
+    "math-test/414": "-2, 1", "math-test/2549": "-\\tfrac32, -\\tfrac34", "math-test/2703": "3, \\frac{2}{5}",
+    "math-test/3341": "15\\frac{39}{40}, \\frac{639}{40}", "math-test/3628": "x+11, 11+x",
+    "math-test/4258": "12x -34, -34 + 12x", "math-test/4559": "-1, 2",
+    "math-test/4860": "\\frac{\\pi}{4}, \\frac{5\\pi}{4}",
+}
 
 
 def test_plain_layout_answer_from_solution_and_json_file(tmp_path):

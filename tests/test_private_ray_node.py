@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 HOLD_NODE = """
 import json, os, sys
 import ray
-from pipelines import early_ray, training
+from openrlhf_patch.cpu import early_ray
+from pipelines.launch import training
 
 kwargs = training.local_node_kwargs("cpu", 2)
 kwargs["runtime_env"] = {"env_vars": {"NGRPO_PRIVATE_NODE_PROBE": "1"}}
@@ -231,7 +232,7 @@ def test_a_process_with_the_runs_token_joins(node, tmp_path):
 
 TOKEN_CYCLES = """
 import json, os
-from pipelines import early_ray
+from openrlhf_patch.cpu import early_ray
 cycles = []
 for _ in range(2):
     path = early_ray.secure_private_node()
@@ -263,7 +264,7 @@ def test_each_node_has_a_fresh_token_only_its_user_can_read():
 
 
 def test_a_killed_processs_token_folder_goes_with_the_next_one():
-    script = ("import os\nfrom pipelines import early_ray\n"
+    script = ("import os\nfrom openrlhf_patch.cpu import early_ray\n"
               "print(early_ray.secure_private_node(), flush=True)\nos._exit(0)")
     killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                             check=True).stdout.strip()  # os._exit: no atexit, as a killed process
@@ -277,7 +278,8 @@ NODE_AND_AFTER = """
 import json, os, sys
 import ray
 from ray._private import node as ray_node
-from pipelines import early_ray, training
+from openrlhf_patch.cpu import early_ray
+from pipelines.launch import training
 
 build = ray_node.Node
 kwargs = training.local_node_kwargs("cpu", 1)
@@ -315,7 +317,8 @@ def test_a_run_on_a_cluster_changes_nothing():
     script = """
 import json, os
 from ray._private import node as ray_node
-from pipelines import early_ray, training
+from openrlhf_patch.cpu import early_ray
+from pipelines.launch import training
 build = ray_node.Node
 assert training.early_node_kwargs(["--actor.num_nodes", "1"], "cpu") is None
 assert early_ray.take({"address": os.environ["RAY_ADDRESS"], "runtime_env": {}}) is None
@@ -334,7 +337,8 @@ def test_a_take_whose_ray_init_never_comes_leaves_rays_node_class_with_discard()
     `discard` (which `ngrpo train` runs on its way out) gives Ray its own Node class back."""
     script = """
 from ray._private import node as ray_node
-from pipelines import early_ray, training
+from openrlhf_patch.cpu import early_ray
+from pipelines.launch import training
 build = ray_node.Node
 assert early_ray.take(training.local_node_kwargs("cpu", 1)) is None
 armed = ray_node.Node is not build

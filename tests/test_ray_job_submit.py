@@ -23,7 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines import arith, rundir
+from pipelines.datasets import arith
+from pipelines.launch import rundir
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")

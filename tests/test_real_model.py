@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines import arith
+from pipelines.datasets import arith
 
 pytestmark = [pytest.mark.real_model, pytest.mark.pipeline]
 REPO = Path(__file__).resolve().parents[1]

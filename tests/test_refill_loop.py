@@ -1,4 +1,4 @@
-"""ngrpo's refill loop (hooks.make_generate_vllm) against OpenRLHF 0.11.2's own
+"""ngrpo's refill loop (sampling.make_generate_vllm) against OpenRLHF 0.11.2's own
 SamplesGenerator._generate_vllm, on the same dispatches.
 
 Both loops run as they are, on a real local Ray (the responses travel as object refs) and with
@@ -26,7 +26,7 @@ ray = pytest.importorskip("ray")
 samples_generator = pytest.importorskip("openrlhf.trainer.ppo_utils.samples_generator")
 
 from openrlhf_patch import config as patch_config  # noqa: E402
-from openrlhf_patch import hooks  # noqa: E402
+from openrlhf_patch import reward_checks, sampling  # noqa: E402
 
 GROUP = 4
 
@@ -90,7 +90,7 @@ UPSTREAM = samples_generator.SamplesGenerator._generate_vllm
 def _ngrpo_loop(group_filter, max_in_a_row=512):
     patch_config.activate(patch_config.PatchConfig(group_filter=group_filter, device="cpu",
                                                    max_consecutive_dropped_groups=max_in_a_row))
-    return hooks.make_generate_vllm()
+    return sampling.make_generate_vllm()
 
 
 MIXED_DATA = ["1,0,0,0", "1,1,1,1", "0,0,0,0", "0,1,0,1", "1,1,0,1", "0,0,0,0", "1,1,1,1", "0,0,1,0",
@@ -164,19 +164,19 @@ def test_a_filter_that_keeps_nothing_stops_instead_of_draining_the_data(local_ra
     data = ["1,1,1,1"] * 12
     theirs = _run(UPSTREAM, data, 2, True, filtering_range=(0.0, 1.0))
     assert theirs["samples"] == 0 and theirs["consumed"] == 12 and theirs["exhausted"]
-    with pytest.raises(hooks.RewardError, match="dropped 3 groups in a row"):
+    with pytest.raises(reward_checks.RewardError, match="dropped 3 groups in a row"):
         _run(_ngrpo_loop("drop_all_correct_and_all_wrong", max_in_a_row=3), data, 2, True)
 
 
 def test_a_non_finite_reward_is_refused_in_the_loop_and_before_the_advantages(local_ray):
     patch_config.activate(patch_config.PatchConfig(group_filter="drop_all_correct", device="cpu", reward_file="r.py"))
-    with pytest.raises(hooks.RewardError, match=r"returned nan for a response of prompt 'prompt 1'"):
-        _run(hooks.make_generate_vllm(), ["1,0,0,0", "0,nan,1,0"], 2, True)
+    with pytest.raises(reward_checks.RewardError, match=r"returned nan for a response of prompt 'prompt 1'"):
+        _run(sampling.make_generate_vllm(), ["1,0,0,0", "0,nan,1,0"], 2, True)
     # without a filter OpenRLHF's loop takes it; the batch check before the estimator refuses it
     experiences, _, _ = UPSTREAM(StandInGenerator(), _loader(["1,0,0,0", "0,1,inf,0"]), 2, False)
     assert len(experiences) == 8
     first = next(e for e in experiences if e.prompts[0] == "prompt 0" and e.rewards[0] == 1.0)
-    assert torch.equal(hooks._checked_rewards(first, patch_config.active()), torch.tensor([1.0], dtype=torch.float64))
-    with pytest.raises(hooks.RewardError, match=r"returned inf for a response of prompt 'prompt 1'"):
+    assert torch.equal(reward_checks.checked_rewards(first, patch_config.active()), torch.tensor([1.0], dtype=torch.float64))
+    with pytest.raises(reward_checks.RewardError, match=r"returned inf for a response of prompt 'prompt 1'"):
         for e in experiences:
-            hooks._checked_rewards(e, patch_config.active())
+            reward_checks.checked_rewards(e, patch_config.active())

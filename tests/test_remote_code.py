@@ -58,7 +58,7 @@ def custom_model(tiny_model_dir, tmp_path):
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fails the test if `ngrpo train` starts Ray's node."""
-    from pipelines import training
+    from pipelines.launch import training
 
     def start_ray_early(*a, **k):
         raise AssertionError("Ray was started")
@@ -144,7 +144,7 @@ def test_study_refuses_before_the_study_folder(custom_model, problems, tmp_path)
 
 
 def test_study_passes_the_flag_to_every_train_and_eval(custom_model, problems, tmp_path, monkeypatch):
-    from pipelines import study as study_module
+    from pipelines.studies import study as study_module
 
     model, _ = custom_model
     seen = {}
@@ -179,7 +179,7 @@ def test_eval_with_the_flag_runs_the_models_code(custom_model, problems, tmp_pat
 def _stop_before_training(monkeypatch):
     """`ngrpo train` as far as the run's manifest, in this process; no Ray, no OpenRLHF run."""
     from ngrpo_cli import train_cmd
-    from pipelines import training
+    from pipelines.launch import training
 
     monkeypatch.setattr(training, "start_ray_early", lambda *a, **k: None)
 
@@ -208,7 +208,7 @@ def test_train_records_the_decision_in_the_manifest(custom_model, tiny_model_dir
 
 # ------------------------------------------------------------------------------- OpenRLHF's hard-coded True
 def test_the_patched_names_exist_in_this_openrlhf():
-    from openrlhf_patch import cpu_mode
+    from openrlhf_patch.cpu import cpu_mode
 
     cpu_mode.ensure_flash_attn_importable()  # OpenRLHF imports flash_attn at module level
     names = [s for s in upstream.SYMBOLS if s.module in remote_code.patches(False)]
@@ -255,7 +255,7 @@ def test_the_patch_decides_trust_remote_code_for_openrlhf():
 def test_openrlhfs_own_is_vlm_model_no_longer_runs_the_code(custom_model, monkeypatch):
     """The real OpenRLHF function: upstream (trust_remote_code=True) imports the model's file; with
     the patch's decision False it does not."""
-    from openrlhf_patch import cpu_mode
+    from openrlhf_patch.cpu import cpu_mode
 
     cpu_mode.ensure_flash_attn_importable()
     import openrlhf.utils.utils as utils
@@ -273,7 +273,7 @@ def test_openrlhfs_own_is_vlm_model_no_longer_runs_the_code(custom_model, monkey
 
 
 def test_the_kv_cache_estimate_does_not_trust_by_default():
-    from openrlhf_patch import cpu_mode
+    from openrlhf_patch.cpu import cpu_mode
 
     assert inspect.signature(cpu_mode.kv_cache_bytes).parameters["trust_remote_code"].default is False
     assert PatchConfig().trust_remote_code is False

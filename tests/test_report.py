@@ -290,7 +290,7 @@ def test_empty_and_missing_metrics(tiny_runs, tmp_path):
 
 
 def test_corrupt_metrics_line(tiny_runs, tmp_path):
-    """A damaged line is skipped and named; the steps after it are kept (pipelines.rundir's policy)."""
+    """A damaged line is skipped and named; the steps after it are kept (pipelines.launch.rundir's policy)."""
     run = _bare_copy(tiny_runs, tmp_path)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text(lines[0] + "\n{not json\n" + lines[1] + "\n")

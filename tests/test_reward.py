@@ -1,4 +1,4 @@
-"""Grading (pipelines/grading.py) and the reward file: hand-written cases, MATH500 golds, OpenRLHF contract, fuzz."""
+"""Grading (pipelines/datasets/grading.py) and the reward file: hand-written cases, MATH500 golds, OpenRLHF contract, fuzz."""
 import asyncio
 import importlib.util
 import json
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import grading as R
+from pipelines.datasets import grading as R
 from pipelines import reward
-from pipelines.prompts import build_prompt
+from pipelines.datasets.prompts import build_prompt
 
 REWARD_FILE = Path(reward.__file__)
 
@@ -141,6 +141,84 @@ def test_hand_written_cases(quick):
 ])
 def test_extract_boxed(text, expected):
     assert R.extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"\boxed{2},\boxed{3},\boxed{5},\boxed{7},\boxed{13}", "2, 3, 5, 7, 13"),
+    (r"$$\boxed{2}, \boxed{3}, \boxed{5}, \boxed{7}, \boxed{13}$$", "2, 3, 5, 7, 13"),
+    (r"$\boxed{1}\boxed{2}$", "1, 2"),
+    (r"\(\boxed{1}\) and \(\boxed{-2}\).", "1, -2"),
+    (r"$$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$", "(2, 2), (6, 2)"),
+    (r"$x = \boxed{3}$ or $x=\boxed{-3}$", "3, -3"),
+    (r"\boxed{1} \boxed{1}", "1"),  # a part repeated is kept once
+    (r"$= \boxed{17}.$$- OR -\n\nthe hypotenuse is $\boxed{17}$.", "17"),  # one box per method
+    (r"$\log_24=\boxed{2}$, so $\log_2(4^2) = \boxed{4}$", "4"),  # words between: only the last
+    (r"\boxed{1}. \boxed{2}", "2"),
+    (r"\boxed{(3, 3)} \text{ for part (a) and } \boxed{(1, 1)}", "(1, 1)"),
+    (r"$\boxed{(10, 0)}$ and $\boxed{(0,0)}.$ (Either point is an acceptable answer.)", "(0,0)"),
+    (r"\boxed{\boxed{3}}", "3"),
+    (r"\boxed{x} \boxed 5", "x, 5"),
+    (r"\boxed{1}, \boxed{2", "1"),  # the unclosed box is ignored (the data check refuses such a label)
+    (r"\boxed{}", None),
+    ("no box", None),
+])
+def test_extract_boxed_answer(text, expected):
+    assert R.extract_boxed_answer(text) == expected
+
+
+def test_extract_boxed_answer_is_linear_on_adversarial_input():
+    for text in ["\\boxed{1}" + " " * 500_000 + "x\\boxed{2}", ("\\boxed{1}" + " ," * 90) * 5000,
+                 "\\boxed{1}" * 100_000, "\\boxed{" * 200_000]:
+        start = time.process_time()
+        R.extract_boxed_answer(text)
+        assert time.process_time() - start < 5.0
+
+
+@pytest.mark.parametrize("text,boxes_only,expected", [
+    (r"\boxed{5", False, r"the \boxed{ at character 1 is never closed"),
+    (r"$\boxed {5$", False, r"the \boxed { at character 2 is never closed"),
+    (r"\frac{1}{2", False, "the { at character 9 is never closed"),
+    (r"\frac{1}{2", True, None),
+    (r"\{1, 2\}", False, None),  # set braces are not grouping braces
+    (r"\boxed{5}", False, None),
+    ("", False, None),
+])
+def test_unclosed_brace(text, boxes_only, expected):
+    assert R.unclosed_brace(text, boxes_only=boxes_only) == expected
+
+
+# (label, response, reward): a label of several boxes is all of them (issue 33 item 7)
+LABEL_CASES = [
+    (r"\boxed{2},\boxed{3},\boxed{5},\boxed{7},\boxed{13}", r"\boxed{2, 3, 5, 7, 13}", True),
+    (r"\boxed{2},\boxed{3},\boxed{5},\boxed{7},\boxed{13}", r"\boxed{\{2, 3, 5, 7, 13\}}", True),
+    (r"\boxed{2},\boxed{3},\boxed{5},\boxed{7},\boxed{13}", r"\boxed{13}", False),  # was True
+    (r"$\boxed{(-2,18)}$ and $\boxed{(8,38)}$", r"\boxed{(-2,18), (8,38)}", True),
+    (r"$\boxed{(-2,18)}$ and $\boxed{(8,38)}$", r"\boxed{(8,38)}", False),
+    # alternative forms joined stay one answer: each of them still scores
+    (r"$\boxed{-b+2}$, or $\boxed{2 - b}$", r"\boxed{2-b}", True),
+    (r"$\boxed{15\frac{39}{40}},$ or $\boxed{\frac{639}{40}}$", r"\boxed{\frac{639}{40}}", True),
+    # "1,22" is the list {1, 22} as math-verify reads it in LaTeX ($1,22$ or \boxed{1,22}); MATH
+    # writes lists so ("17,44", "8,12"); math-verify reads 1.22 only from bare text with its expr
+    # extraction, which a label never gets
+    ("1,22", r"\boxed{1.22}", False),
+    ("1,22", r"\boxed{1, 22}", True),
+    ("1,22", r"\boxed{\{22, 1\}}", True),
+    ("31,250", r"\boxed{31250}", True),  # a thousands separator stays one
+]
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["with-shortcuts", "math-verify-only"])
+def test_labels_of_several_boxes_and_commas(quick):
+    results = R.grade_many([c[1] for c in LABEL_CASES], [c[0] for c in LABEL_CASES], quick=quick)
+    assert [r.correct for r in results] == [c[2] for c in LABEL_CASES]
+
+
+def test_response_still_graded_by_its_last_box():
+    """Only labels join their boxes; a response is graded by its last box (SPEC §6, the NGRPO
+    authors' extract_answer_math)."""
+    assert R.extract_answer(r"\boxed{1}, \boxed{2}") == "2"
+    assert [r.correct for r in R.grade_many([r"\boxed{1}, \boxed{2}", r"\boxed{1, 2}"], ["1, 2", "1, 2"])] == [
+        False, True]
 
 
 def test_extract_boxed_is_linear_on_adversarial_input():

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_runs import tiny_runs  # noqa: F401  (session fixture: two finished 2-step runs)
-from pipelines import resume, rundir
+from pipelines.launch import resume, rundir
 from test_faults import CPU, ngrpo, tree_digest, write_problems
 
 OPENRLHF_LAUNCHER = Path(importlib.util.find_spec("openrlhf").origin).parent / "cli" / "train_ppo_ray.py"
@@ -95,7 +95,7 @@ def test_every_path_flag_of_openrlhf_is_classified():
     flags = set(re.findall(r'"(--[a-zA-Z_.0-9]+)"', OPENRLHF_LAUNCHER.read_text()))
     pathlike = {f for f in flags if re.search(r"path|dir|dataset|file|url|model|pretrain|load|func|save|key|project|name", f)}
     known = set(resume.MODEL_FLAGS + resume.RUN_PATH_FLAGS + resume.NOT_PATH_FLAGS + (resume.REWARD_ENTRY_FLAG,))
-    assert pathlike - known == set(), "classify these OpenRLHF flags in pipelines/resume.py"
+    assert pathlike - known == set(), "classify these OpenRLHF flags in pipelines/launch/resume.py"
     assert known - flags == set(), "these flags are gone from OpenRLHF"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from child_process import sigint_as_in_a_terminal
 
-from pipelines import arith
+from pipelines.datasets import arith
 
 pytestmark = pytest.mark.pipeline
 REPO = Path(__file__).resolve().parents[1]
@@ -148,3 +148,35 @@ def test_the_same_data_path_with_other_contents_is_refused(study):
         train.write_text(original)
     assert proc.returncode != 0
     assert "holds a study with other settings (input_files changed)" in proc.stderr
+
+
+def test_an_arm_trains_its_algorithm_with_its_own_settings_after_the_shared_ones(tmp_path):
+    from pipelines.studies.study import StudyError, StudyPlan, arm_dirname, parse_arm, train_argv
+
+    plan = StudyPlan(model="m", data="d.jsonl", benchmarks=["b"], algos=["grpo", "grpo@uniform-groups=mask-aux"],
+                     seeds=[0], recipe={"uniform_groups": "keep", "lr": 1e-6})
+    assert [name for name, _, _ in plan.runs()] == ["grpo-s0", "grpo+uniform-groups-mask-aux-s0"]
+    argv = train_argv(plan, "grpo@uniform-groups=mask-aux", 0, tmp_path / "r")
+    assert argv[argv.index("--algo") + 1] == "grpo"
+    assert argv[-4:] == ["--lr", "1e-06", "--uniform-groups", "mask-aux"]  # the arm's after the shared: it wins
+    assert parse_arm("ngrpo") == ("ngrpo", []) and arm_dirname("ngrpo") == "ngrpo"
+    with pytest.raises(StudyError, match=r"arm 'grpo@mask-aux': 'mask-aux' is not SETTING=VALUE"):
+        parse_arm("grpo@mask-aux")
+
+
+@pytest.mark.parametrize("algos, message", [
+    ("grpo@no-such-setting=1", "no-such-setting: not a recipe setting"),
+    ("gpro@uniform-groups=skip", "unknown gpro"),
+    ("grpo,grpo", "named twice"),
+])
+def test_bad_arms_are_refused_before_anything_starts(tmp_path, algos, message):
+    from click.testing import CliRunner
+
+    from ngrpo_cli.main import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "1", "problem": "What is 1 + 1?", "answer": "2"}\n')
+    result = CliRunner().invoke(cli, ["study", "-o", str(tmp_path / "s"), "--model", "m", "--data", str(data),
+                                      "--eval", "b", "--algos", algos])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "s").exists()

@@ -1,4 +1,4 @@
-"""openrlhf_patch/tokenizer_once.py on a real tokenizer: what OpenRLHF's dispatch sends for each
+"""openrlhf_patch/cpu/tokenizer_once.py on a real tokenizer: what OpenRLHF's dispatch sends for each
 prompt unpickles to the same tokenizer, once per process; a changed tokenizer travels as a new
 one. The training runs in tests/test_train_pipeline.py check the rollout actor's one line per launch."""
 import pickle
@@ -7,7 +7,7 @@ import pytest
 from ray import cloudpickle
 from transformers import AutoTokenizer
 
-from openrlhf_patch import tokenizer_once
+from openrlhf_patch.cpu import tokenizer_once
 
 
 @pytest.fixture

@@ -217,10 +217,10 @@ def test_the_scan_finds_known_patches():
     for expected in [
         ("openrlhf_patch/install.py:_patch_experience_maker",
          "openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker.compute_advantages_and_returns"),
-        ("openrlhf_patch/cpu_mode.py:patch_weight_sync",
+        ("openrlhf_patch/cpu/cpu_mode.py:patch_weight_sync",
          "openrlhf.trainer.ray.ppo_actor.ActorPPOTrainer.broadcast_to_vllm"),
         ("openrlhf_patch/reproducible_rollouts.py:patches", "vllm.v1.engine.async_llm.AsyncLLM.generate"),
-        ("pipelines/early_ray.py:EarlyNode._start", "ray._private.worker.connect"),
+        ("openrlhf_patch/cpu/early_ray.py:EarlyNode._start", "ray._private.worker.connect"),
     ]:
         assert expected in sites, expected
 
@@ -268,7 +268,7 @@ def patch_calls():
 
 def test_every_touchpoints_patch_call_names_an_entry_of_its_site():
     calls = patch_calls()
-    assert ("openrlhf_patch/cpu_mode.py:patch_torch_cuda", "torch.cuda.current_device") in calls
+    assert ("openrlhf_patch/cpu/cpu_mode.py:patch_torch_cuda", "torch.cuda.current_device") in calls
     entries = {(e.site, e.target) for e in touchpoints.TOUCHPOINTS if e.how in ("replace", "wrap")}
     for site, target in calls:
         if target.endswith("*"):
@@ -335,7 +335,7 @@ def test_docs_upstream_md_is_the_rendered_table():
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack():
-    from openrlhf_patch import cpu_mode
+    from openrlhf_patch.cpu import cpu_mode
 
     cpu_mode.ensure_flash_attn_importable()  # OpenRLHF imports flash_attn at module level
 
@@ -363,7 +363,7 @@ def test_every_copy_hash_matches_and_check_all_passes(stack):
 def test_the_ray_agent_stand_in_writes_the_port_files_ray_waits_for(stack):
     import ray._raylet as raylet
 
-    from pipelines import ray_agent_stand_in
+    from openrlhf_patch.cpu import ray_agent_stand_in
 
     assert set(ray_agent_stand_in.PORT_FILES) == {raylet.METRICS_AGENT_PORT_NAME, raylet.METRICS_EXPORT_PORT_NAME,
                                                   raylet.DASHBOARD_AGENT_LISTEN_PORT_NAME}
@@ -544,11 +544,11 @@ def test_patch_keeps_a_lazy_module_attribute_lazy(fake):
 
 def test_a_table_entry_is_found_by_target_and_by_the_callers_site():
     entry = touchpoints.entry_for("torch.cuda.synchronize")
-    assert entry.site == "openrlhf_patch/cpu_mode.py:patch_torch_cuda"
+    assert entry.site == "openrlhf_patch/cpu/cpu_mode.py:patch_torch_cuda"
     with pytest.raises(TouchpointError, match="2 entries"):
         touchpoints.entry_for("torch.cuda.current_device")  # two sites, neither is this test
     assert touchpoints.entry_for("torch.cuda.current_device",
-                                 here="openrlhf_patch/cpu_mode.py:_patch_replay_buffer").site.endswith("_patch_replay_buffer")
+                                 here="openrlhf_patch/cpu/cpu_mode.py:_patch_replay_buffer").site.endswith("_patch_replay_buffer")
     with pytest.raises(ValueError, match="kind"):
         Touchpoint("torch", "torch.x", "wrap", "speed", {"cpu"}, "a.py:f", "why", "1")
 
@@ -577,7 +577,7 @@ def test_reinstall_puts_a_patch_with_other_parameters_in_place_of_the_first(fake
 
 def test_the_callers_site_is_matched_by_the_end_of_its_path():
     entry = touchpoints.entry_for("torch.cuda.synchronize")
-    assert touchpoints._at_site(entry, "/tmp/ray/session/runtime_resources/_ray_pkg_1/openrlhf_patch/cpu_mode.py:"
+    assert touchpoints._at_site(entry, "/tmp/ray/session/runtime_resources/_ray_pkg_1/openrlhf_patch/cpu/cpu_mode.py:"
                                        "patch_torch_cuda")
     assert not touchpoints._at_site(entry, "/elsewhere/not_openrlhf_patch/cpu_mode.py:patch_torch_cuda")
-    assert not touchpoints._at_site(entry, "/x/openrlhf_patch/cpu_mode.py:apply_cpu_patches")
+    assert not touchpoints._at_site(entry, "/x/openrlhf_patch/cpu/cpu_mode.py:apply_cpu_patches")

@@ -99,7 +99,7 @@ def test_openrlhf_rejection_is_reported(tmp_path, tiny_model_dir):
 
 # The paper's settings per recipe as docs/FIDELITY.md states them (the authors' scripts
 # train_qwen2.5-math-7b_*.sh and ppo_trainer.yaml), written out here independently of
-# pipelines/recipes.py: a recipe that drifts from the published settings fails here.
+# pipelines/launch/recipes.py: a recipe that drifts from the published settings fails here.
 PAPER_COMMON = {"--actor.adam.lr": ["1e-06"], "--actor.adam.betas": ["0.9", "0.999"],
                 "--actor.adam.weight_decay": ["0.01"], "--actor.max_norm": ["1.0"], "--actor.entropy_coef": ["0.001"],
                 "--actor.lr_scheduler": ["constant"], "--rollout.batch_size": ["1024"],
@@ -145,7 +145,7 @@ def test_the_paper_preset_gives_the_published_settings(algo, tmp_path, hub_model
 def test_dapo_overlong_buffer_is_a_third_of_the_response_budget():
     """The authors' 1024 of 3072 tokens at the paper's length; the same shape at any other length
     (a fixed 1024 made OpenRLHF assert inside the actor at 96 tokens); a given value wins."""
-    from pipelines.recipes import RecipeError, build_recipe
+    from pipelines.launch.recipes import RecipeError, build_recipe
 
     assert build_recipe("dapo", "paper").overlong_buffer == 1024
     assert build_recipe("dapo", "cpu-tiny").overlong_buffer == 32

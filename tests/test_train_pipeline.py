@@ -3,7 +3,7 @@
 Two real runs on the tiny model are shared by all tests here (about a minute each on 2 cores):
   * ngrpo: stopped after step 1 by --max-steps 1, then resumed with --resume --max-steps 2; step 1
     in OpenRLHF's own process layout (NGRPO_CPU_LAYOUT=upstream: a PPOTrainer actor, a spawned
-    vLLM engine core), step 2 in CPU mode's default one (openrlhf_patch/cpu_layout.py);
+    vLLM engine core), step 2 in CPU mode's default one (openrlhf_patch/cpu/cpu_layout.py);
   * grpo: 2 steps in one go (default layout).
 Both use a reward file that scores every response 0 (a batch of only all-wrong groups) and
 records which prompts it graded, and have every loss term but the advantage switched off (no KL,
@@ -241,7 +241,7 @@ def test_an_actor_started_by_openrlhf_launcher_reports_the_patch(tmp_path):
 
     from openrlhf_patch import install
     from openrlhf_patch.config import PatchConfig
-    from openrlhf_patch.cpu_mode import cpu_env
+    from openrlhf_patch.cpu.cpu_mode import cpu_env
 
     config = PatchConfig(estimator="ngrpo", estimator_options={"virtual_samples": 2}, device="cpu")
     install.apply(config, role="test-driver")

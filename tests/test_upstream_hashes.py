@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from openrlhf_patch import cpu_mode, on_import, upstream
+from openrlhf_patch.cpu import cpu_mode
+from openrlhf_patch import on_import, upstream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,9 +59,9 @@ def test_every_copy_names_ngrpo_code_that_exists():
 def test_the_copies_table_lists_the_two_hook_copies():
     names = {(c.module, c.qualname): c.ngrpo for c in upstream.COPIES}
     assert names[("openrlhf.trainer.ppo_utils.experience_maker",
-                  "RemoteExperienceMaker.compute_advantages_and_returns")] == "openrlhf_patch/hooks.py: _core_advantages"
+                  "RemoteExperienceMaker.compute_advantages_and_returns")] == "openrlhf_patch/advantages.py: _core_advantages"
     assert names[("openrlhf.trainer.ppo_utils.samples_generator", "SamplesGenerator._generate_vllm")] == \
-        "openrlhf_patch/hooks.py: make_generate_vllm"
+        "openrlhf_patch/sampling.py: make_generate_vllm"
 
 
 # ------------------------------------------------------------------ a changed upstream
@@ -102,7 +103,7 @@ def test_a_changed_upstream_body_fails_naming_the_function_and_the_copy(package)
         upstream.check(symbols=[], copies=[copy])
     message = str(err.value)
     assert f"{module}: RemoteExperienceMaker.compute_advantages_and_returns: the upstream source changed" in message
-    assert "port ngrpo's copy in openrlhf_patch/hooks.py: _core_advantages again" in message
+    assert "port ngrpo's copy in openrlhf_patch/advantages.py: _core_advantages again" in message
     # a change elsewhere in the module (another method) leaves this copy's hash alone
     unrelated = _experience_maker_with(package, "Calculated as in the original PPO paper",
                                        "Calculated as in the PPO paper", stem="unrelated_change")
@@ -128,7 +129,7 @@ def test_check_reports_a_vanished_name_and_a_changed_body_together(package, monk
     assert f"{module}: Gone (called; AttributeError)" in message
     assert f"{module}: RemoteExperienceMaker.compute_advantages_and_returns: the upstream source changed" in message
     assert f"{module}: RemoteExperienceMaker.vanished: {module} defines no RemoteExperienceMaker.vanished" in message
-    assert message.count("openrlhf_patch/hooks.py: _core_advantages") == 2
+    assert message.count("openrlhf_patch/advantages.py: _core_advantages") == 2
 
 
 def test_a_worker_stops_at_a_changed_body_when_it_imports_the_module(package, monkeypatch):
@@ -137,7 +138,7 @@ def test_a_worker_stops_at_a_changed_body_when_it_imports_the_module(package, mo
     name, folder = package
     (folder / "m.py").write_text("class C:\n    def f(self):\n        return 1\n")
     digest = upstream.source_sha256("def f(self):\n    return 1\n")
-    entry = upstream.Copy(f"{name}.m", "C.f", "openrlhf_patch/hooks.py: _core_advantages", digest)
+    entry = upstream.Copy(f"{name}.m", "C.f", "openrlhf_patch/advantages.py: _core_advantages", digest)
     monkeypatch.setattr(upstream, "COPIES", upstream.COPIES + (entry,))
     patched = []
 

@@ -2,7 +2,8 @@
 patch, run side by side.
 
 For every recipe whose estimator is OpenRLHF's own (grpo = group_norm with its KL loss and
-reference model, dr_grpo, rloo, and ppo with its critic), with the group filter off:
+reference model, dr_grpo, rloo, ppo with its critic, reinforce_pp = REINFORCE++ with its KL in the
+reward and reinforce_pp_baseline with its k2 KL loss), with the group filter off:
 
   ngrpo     `ngrpo train --algo A` for 3 steps (12 prompts, 4 a step, one pass) on the tiny model,
             with every hook of ngrpo's patch in place (diagnostics, reward checks, step log,
@@ -39,11 +40,14 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures_runs import COIN_REWARD
+from pipelines.launch.recipes import ALGO_SETTINGS, UPSTREAM_ESTIMATORS
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-ALGOS = ("grpo", "dr_grpo", "rloo", "ppo")
+ALGOS = ("grpo", "dr_grpo", "rloo", "ppo", "reinforce_pp", "reinforce_pp_baseline")
+# every recipe whose estimator is OpenRLHF's own is compared here
+assert {ALGO_SETTINGS[a]["estimator"] for a in ALGOS} >= set(UPSTREAM_ESTIMATORS)
 STEPS = 3
 # Same settings both sides; one pass over 12 prompts at 4 a step gives the 3 steps.
 COMMON = ["--device", "cpu", "--preset", "cpu-tiny", "--group-filter", "none", "--seed", "0", "--lr", "1e-3",

@@ -1,4 +1,4 @@
-"""vLLM's engine core in a thread of the rollout actor (openrlhf_patch/vllm_engine_thread.py).
+"""vLLM's engine core in a thread of the rollout actor (openrlhf_patch/cpu/vllm_engine_thread.py).
 
 The stand-in process object on its own, then a real AsyncLLM engine on the tiny model in a fresh
 Python (as the rollout actor builds it, through CPU mode's engine-argument patch): it generates
@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from openrlhf_patch.vllm_engine_thread import _EngineCoreThread, _SignalModule
+from openrlhf_patch.cpu.vllm_engine_thread import _EngineCoreThread, _SignalModule
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +82,7 @@ def _engine_python(code, timeout=300):
 ENGINE_PRELUDE = """
     import asyncio, gc, json, signal, sys, threading
     import psutil
-    from openrlhf_patch import cpu_mode
+    from openrlhf_patch.cpu import cpu_mode
     cpu_mode.apply_cpu_patches()  # as a CPU run's rollout actor: engine arguments patched on import
     import vllm
     from vllm import SamplingParams

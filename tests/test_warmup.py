@@ -1,14 +1,14 @@
-"""The supervised warm-up (pipelines/warmup.py, `ngrpo warmup`): data format, grading, and a short
+"""The supervised warm-up (pipelines/launch/warmup.py, `ngrpo warmup`): data format, grading, and a short
 real run of OpenRLHF's SFT trainer with DeepSpeed ZeRO-2 on CPU."""
 import json
 
 import pytest
 from click.testing import CliRunner
 
-from pipelines import arith
-from pipelines.grading import extract_boxed
-from pipelines.prompts import build_prompt
-from pipelines.warmup import sft_records, warmup_problems
+from pipelines.datasets import arith
+from pipelines.datasets.grading import extract_boxed
+from pipelines.datasets.prompts import build_prompt
+from pipelines.launch.warmup import sft_records, warmup_problems
 
 SHORT_RUN = ["--problems", "320", "--epochs", "1", "--seed", "0", "--eval", "20"]
 SHORT_STEPS = 320 // 32

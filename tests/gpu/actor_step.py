@@ -1,5 +1,5 @@
 """One DeepSpeed optimizer step of OpenRLHF's Actor with ngrpo's patched PolicyLoss, as
-ActorPPOTrainer.training_step does it (a tiny random Qwen2 from pipelines/tiny_model.py).
+ActorPPOTrainer.training_step does it (a tiny random Qwen2 from pipelines/launch/tiny_model.py).
 
     python tests/gpu/actor_step.py --device cuda --zero-stage 3 --optimizer fused
 
@@ -45,7 +45,7 @@ def step(device: str, stage: int, optimizer: str) -> dict:
     os.environ.setdefault("MASTER_PORT", "29561")
     if device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
-    from openrlhf_patch.cpu_mode import ensure_flash_attn_importable
+    from openrlhf_patch.cpu.cpu_mode import ensure_flash_attn_importable
 
     ensure_flash_attn_importable()
     import deepspeed
@@ -54,8 +54,8 @@ def step(device: str, stage: int, optimizer: str) -> dict:
     from openrlhf.models.loss import PolicyLoss
 
     from openrlhf_patch import algorithms
-    from openrlhf_patch.hooks import make_policy_loss_class
-    from pipelines.tiny_model import build_tiny_model
+    from openrlhf_patch.policy_loss import make_policy_loss_class
+    from pipelines.launch.tiny_model import build_tiny_model
 
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     if device == "cuda":
@@ -81,11 +81,12 @@ def step(device: str, stage: int, optimizer: str) -> dict:
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0], device=dev)
     advantages = algorithms.group_advantages(rewards, B, "ngrpo").unsqueeze(1) * action_mask
     loss_fn = make_policy_loss_class(PolicyLoss)(clip_eps_low=0.16, clip_eps_high=0.24, token_level_loss=True)
-    loss, clip_ratio, ppo_kl, _, _ = loss_fn(log_probs, old_log_probs, advantages, action_mask=action_mask)
+    (loss, clip_ratio, ppo_kl, _, _), metrics = loss_fn.loss_and_metrics(log_probs, old_log_probs, advantages,
+                                                                          action_mask=action_mask)
     engine.backward(loss)
     engine.step()
     after = _params(engine, stage)
-    fractions = {k: v.item() for k, v in loss_fn.last_clip_fractions.items()}
+    fractions = {k: v.item() for k, v in metrics.items()}
     return {
         "device": device, "zero_stage": stage, "optimizer": type(getattr(opt, "optimizer", opt)).__name__,
         "loss": loss.item(), "loss_finite": bool(torch.isfinite(loss).item()), "clip_ratio": clip_ratio.item(),

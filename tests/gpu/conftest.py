@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def openrlhf_models():
     """openrlhf.models with ngrpo's flash_attn import stub where flash-attn is missing."""
-    from openrlhf_patch.cpu_mode import ensure_flash_attn_importable
+    from openrlhf_patch.cpu.cpu_mode import ensure_flash_attn_importable
 
     ensure_flash_attn_importable()
     import openrlhf.models

@@ -25,15 +25,15 @@ def _loss_run(loss_cls, device, estimator="ngrpo"):
     advantages = adv.unsqueeze(1).expand_as(log_probs) * mask
     log_probs = log_probs.clone().requires_grad_(True)
     loss_fn = loss_cls(clip_eps_low=0.16, clip_eps_high=0.24, token_level_loss=True)
-    loss, clip_ratio, ppo_kl, _, _ = loss_fn(log_probs, old, advantages, action_mask=mask)
+    (loss, clip_ratio, ppo_kl, _, _), metrics = loss_fn.loss_and_metrics(log_probs, old, advantages, action_mask=mask)
     loss.backward()
-    stats = {k: v.item() for k, v in loss_fn.last_clip_fractions.items()}
-    return loss.item(), clip_ratio.item(), ppo_kl.item(), stats, log_probs.grad.cpu(), loss_fn.last_clip_fractions
+    stats = {k: v.item() for k, v in metrics.items()}
+    return loss.item(), clip_ratio.item(), ppo_kl.item(), stats, log_probs.grad.cpu(), metrics
 
 
 @pytest.mark.parametrize("estimator", ["ngrpo", "grpo", "dr_grpo", "rloo", "w_reinforce"])
 def test_patched_policy_loss_on_cuda_equals_cpu(openrlhf_models, estimator):
-    from openrlhf_patch.hooks import make_policy_loss_class
+    from openrlhf_patch.policy_loss import make_policy_loss_class
 
     patched = make_policy_loss_class(openrlhf_models.PolicyLoss)
     cpu = _loss_run(patched, torch.device("cpu"), estimator)

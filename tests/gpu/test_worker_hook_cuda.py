@@ -38,7 +38,7 @@ def _probe(nvml_check: bool) -> dict:
     env.update(PatchConfig(estimator="ngrpo", device="cuda", seed=1).to_env())
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
     if nvml_check:
-        from pipelines.gpu_run import GPU_WORKER_ENV
+        from pipelines.launch.gpu_run import GPU_WORKER_ENV
 
         env.update(GPU_WORKER_ENV)
     out = subprocess.run([sys.executable, "-c", PROBE.format(kit=str(KIT))], env=env, cwd=REPO_ROOT,
