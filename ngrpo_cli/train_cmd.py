@@ -452,11 +452,19 @@ def _check_sgpo(recipe, problems, data_path) -> None:
     """SGPO's judge needs a reference solution for every training problem and a readable prompt."""
     from openrlhf_patch import judge
 
-    for flag, value in (("--judge-url", recipe.judge_url), ("--judge-model", recipe.judge_model)):
-        if not value:
-            raise click.UsageError(f"--algo sgpo needs its step judge: give {flag} (an OpenAI-compatible endpoint, "
-                                   "e.g. --judge-url http://127.0.0.1:8000/v1 from `vllm serve MODEL`, and "
-                                   "--judge-model, the model it serves)")
+    if not recipe.judge_model:
+        raise click.UsageError("--algo sgpo needs its step judge: give --judge-model (a model folder, built-in name or "
+                               "cached Hub id: ngrpo serves it with vLLM for the run) or --judge-url with "
+                               "--judge-model (an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 from "
+                               "`vllm serve MODEL`, and the model name it serves)")
+    if not recipe.judge_url:  # ngrpo serves the judge itself: it must be a model here
+        from pipelines.models import ModelError, resolve_model
+
+        try:
+            resolve_model(recipe.judge_model, allow_run_dir=True)
+        except ModelError as err:
+            raise click.UsageError(f"--judge-model {recipe.judge_model}: {err} (without --judge-url ngrpo serves the "
+                                   "judge itself, so it must be a model it can load)")
     missing = judge.first_without_solution(problems)
     if missing:
         raise click.UsageError(

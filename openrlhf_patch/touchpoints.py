@@ -463,6 +463,11 @@ TOUCHPOINTS: Tuple[Touchpoint, ...] = (
        _P + "cpu/early_ray.py:_reload_ray_auth_settings", "private: instance().reset_cache() forgets a token loaded before"),
     _t("ray", "ray._raylet.Config.initialize", "read", "correctness", _TRAIN, _P + "cpu/early_ray.py:_reload_ray_auth_settings",
        "private: re-reads RAY_AUTH_MODE"),
+    # ---- pipelines/launch/judge_server.py (SGPO's judge, when ngrpo serves it) ----
+    _t("vllm", "VLLM_CPU_KVCACHE_SPACE", "env", "cpu-required", "cpu", _L + "launch/judge_server.py:server_env",
+       "1 GiB for the judge's KV cache beside the run's engines; vllm-cpu's default is far larger"),
+    _t("vllm", "VLLM_CPU_NUM_OF_RESERVED_CPU,VLLM_ENABLE_V1_MULTIPROCESSING", "env", "cpu-speedup", "cpu",
+       _L + "launch/judge_server.py:server_env", "cpu_mode.VLLM_CPU_ENV, as the run's own engines"),
     # ---- pipelines/evaluate/evaluation.py (ngrpo eval) ----
     _t("vllm", "VLLM_CPU_KVCACHE_SPACE", "env", "cpu-speedup", "eval", _L + "evaluate/evaluation.py:VLLMBackend.__init__",
        "1 GiB on CPU (a user's value wins); vllm-cpu's default is far larger"),

@@ -218,3 +218,19 @@ def test_max_samples_run_writes_groups_and_stops_at_the_budget(tmp_path, tiny_mo
     assert rundir.checkpoint_step(run) == last  # the budget's last step is checkpointed
     progress = json.loads((run / "progress.json").read_text())
     assert progress["generated_samples"] == cumulative[-1] and progress["completed_steps"] == last
+
+
+@pytest.mark.parametrize("manifest, steps", [
+    ({"num_problems": 2000, "recipe": {"prompts_per_step": 8, "samples_per_prompt": 4, "episodes": 1},
+      "max_samples": 256}, 8),     # 256 / (8 x 4): the progress bar's length, not the data's 250 steps
+    ({"num_problems": 2000, "recipe": {"prompts_per_step": 8, "samples_per_prompt": 4, "episodes": 1},
+      "max_samples": 250}, 8),     # a last, partial step
+    ({"num_problems": 2000, "recipe": {"prompts_per_step": 8, "samples_per_prompt": 4, "episodes": 1},
+      "max_samples": 256, "max_steps": 5}, 5),
+    ({"num_problems": 40, "recipe": {"prompts_per_step": 8, "samples_per_prompt": 4, "episodes": 1},
+      "max_samples": 10_000}, 5),  # the data ends first
+])
+def test_the_planned_steps_follow_the_sample_budget(manifest, steps):
+    from pipelines.launch.training import planned_steps
+
+    assert planned_steps(manifest) == steps

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -237,10 +238,12 @@ def test_the_sgpo_recipe_needs_its_judge():
     from ngrpo_cli.train_cmd import _check_sgpo
 
     problems = [{"id": "a", "problem": "p", "answer": "1", "solution": "s"}]
-    with pytest.raises(click.UsageError, match="--algo sgpo needs its step judge: give --judge-url"):
+    with pytest.raises(click.UsageError, match="--algo sgpo needs its step judge: give --judge-model"):
         _check_sgpo(build_recipe("sgpo", "cpu-tiny"), problems, "d.jsonl")
     with pytest.raises(click.UsageError, match="give --judge-model"):
         _check_sgpo(build_recipe("sgpo", "cpu-tiny", {"judge_url": "http://127.0.0.1:9/v1"}), problems, "d.jsonl")
+    with pytest.raises(click.UsageError, match=r"--judge-model /nowhere/judge: .*without --judge-url ngrpo serves"):
+        _check_sgpo(build_recipe("sgpo", "cpu-tiny", {"judge_model": "/nowhere/judge"}), problems, "d.jsonl")
     with pytest.raises(RecipeError, match="--judge-url 'ftp://x': must be an http"):
         build_recipe("sgpo", "cpu-tiny", {"judge_url": "ftp://x"})
     with pytest.raises(click.UsageError, match=r"--judge-prompt .*nowhere.txt: cannot read it"):
@@ -341,38 +344,71 @@ def test_a_cpu_run_grades_all_wrong_groups_through_the_judge(tmp_path, tiny_mode
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_smollm2_served_by_vllm_answers_as_a_judge(tmp_path):
-    """SmolLM2-135M-Instruct behind vLLM's own OpenAI server on CPU: the protocol works end to end.
+def test_smollm2_served_by_ngrpo_answers_as_a_judge(tmp_path):
+    """`--judge-model` without `--judge-url`: ngrpo serves SmolLM2-135M-Instruct with vLLM's own OpenAI
+    server on CPU (pipelines/launch/judge_server.py), on 127.0.0.1 only, and stops it after the block.
     Its judgements are poor (a 135M model cannot check maths): only their form is asserted, and an
     unparsable answer is an expected, counted failure."""
-    proc = subprocess.run([sys.executable, "-m", "ngrpo_cli.main", "get-model", "smollm2-135m-instruct"], cwd=REPO,
-                          capture_output=True, text=True, timeout=1800)
-    model = proc.stdout.strip().splitlines()[-1]
-    port = int(_dead_url().split(":")[2].split("/")[0])
-    env = {**__import__("os").environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = open(tmp_path / "vllm.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                               "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-                               "--max-model-len", "2048", "--enforce-eager"], stdout=log, stderr=log, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        import urllib.request
+    from pipelines.launch import judge_server
 
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/models", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
-                time.sleep(1)
-        j = judge.StepJudge(settings(url, model="smollm2", timeout=120.0, workers=2))
+    config = PatchConfig(device="cpu", sgpo={"model": "smollm2-135m-instruct", "url": None})
+    with judge_server.serving(config, tmp_path) as served:
+        url = served.sgpo["url"]
+        assert url.startswith("http://127.0.0.1:") and config.sgpo["url"] is None
+        j = judge.StepJudge(settings(url, model="smollm2-135m-instruct", timeout=120.0, workers=2))
         group = ["2 + 3 = 5\n\nso 5 * 2 = 10\n\nThe answer is 10.", "2 + 3 = 6\n\nso 6 * 2 = 12\n\nThe answer is 12."]
         rewards = j.grade("What is (2 + 3) * 2?", r"$(2+3) \cdot 2 = 5 \cdot 2 = \boxed{10}$", group)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    with pytest.raises(OSError):  # stopped with the block
+        urllib.request.urlopen(url + "/models", timeout=5)
+    assert (tmp_path / "logs" / "judge-1.log").exists()
     assert j.stats.judged == 2 and j.stats.calls >= 2
     assert "Connection refused" not in j.stats.last_error and "HTTP " not in j.stats.last_error
     for r in rewards:
         assert r is None or sigmoid(-2.5) - 1e-12 <= r <= sigmoid(2.5) + 1e-12
+
+
+# ------------------------------------------------------------------ the judge ngrpo serves itself
+_MODELS_SERVER = """
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": sys.argv[2]}]}).encode()
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _fake_server(monkeypatch, script):
+    from pipelines.launch import judge_server
+
+    monkeypatch.setattr(judge_server, "server_command",
+                        lambda path, name, port, device, max_model_len: [sys.executable, "-c", script, str(port), name])
+    return judge_server
+
+
+def test_a_judge_ngrpo_starts_serves_the_launch_and_stops_with_it(tmp_path, monkeypatch):
+    judge_server = _fake_server(monkeypatch, _MODELS_SERVER)
+    config = PatchConfig(device="cpu", sgpo={"model": "judge-7b", "url": None, "beta": 5.0})
+    with judge_server.serving(config, tmp_path, model_path_of=lambda spec: "/models/" + spec) as served:
+        url = served.sgpo["url"]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1") and served.sgpo["beta"] == 5.0
+        assert json.loads(urllib.request.urlopen(url + "/models", timeout=5).read())["data"][0]["id"] == "judge-7b"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/models", timeout=5)
+    given = PatchConfig(device="cpu", sgpo={"model": "m", "url": "http://127.0.0.1:9/v1"})
+    with judge_server.serving(given, tmp_path) as served:  # --judge-url given: nothing started
+        assert served is given
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["judge-1.log"]
+
+
+def test_a_judge_that_dies_while_starting_stops_the_launch_with_its_log(tmp_path, monkeypatch):
+    judge_server = _fake_server(monkeypatch, "import sys; print('CUDA out of memory in the judge'); sys.exit(3)")
+    config = PatchConfig(device="cpu", sgpo={"model": "judge-7b", "url": None})
+    with pytest.raises(judge_server.JudgeServerError,
+                       match=r"(?s)exited with 3 while starting; its log is .*judge-1.log, ending:\nCUDA out of memory"):
+        with judge_server.serving(config, tmp_path, model_path_of=lambda spec: spec):
+            pass

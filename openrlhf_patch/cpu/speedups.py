@@ -32,7 +32,9 @@ PARTS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                        (_CPU + "cpu_mode.py:patch_weight_sync", _CPU + "cpu_mode.py:broadcast_to_vllm_in_buckets")),
     "vllm-stats": ("vLLM's statistics off (only its API server reads them)", (_CPU + "cpu_mode.py:_patch_vllm",)),
     "cpu-env": ("every core for each phase (OMP_NUM_THREADS), vLLM's model in its engine core, bounded oneDNN "
-                "caches, no torch.compile", (_CPU + "cpu_mode.py:cpu_env", _CPU + "cpu_mode.py:apply_cpu_patches")),
+                "caches, no torch.compile (SGPO's judge server too)",
+                (_CPU + "cpu_mode.py:cpu_env", _CPU + "cpu_mode.py:apply_cpu_patches",
+                 "pipelines/launch/judge_server.py:server_env")),
 }
 _decided: Dict[str, bool] = {}
 

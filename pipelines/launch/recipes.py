@@ -66,7 +66,9 @@ class Recipe:
                                             "Needs a 'solution' in every training row.")
     judge_url: Optional[str] = setting(None, "SGPO: base URL of an OpenAI-compatible chat endpoint, e.g. "
                                              "http://host:8000/v1 (vllm serve); POST {url}/chat/completions.")
-    judge_model: Optional[str] = setting(None, "SGPO: the judge's model name, as the endpoint serves it.")
+    judge_model: Optional[str] = setting(None, "SGPO: the judge's model name, as the endpoint serves it; without "
+                                               "--judge-url, a model (folder, built-in name, cached Hub id) that "
+                                               "ngrpo serves itself with vLLM on 127.0.0.1 for the launch.")
     judge_prompt: Optional[str] = setting(None, "SGPO: the judge prompt template file (placeholders {problem} "
                                                 "{solution} {steps} {n_steps}; the answer must end with "
                                                 "FIRST_WRONG_STEP: k or none). Default: the one shipped, "

@@ -524,12 +524,19 @@ def write_training_file(problems, path: Path, abstention: bool = False) -> int:
 
 
 def planned_steps(manifest: dict) -> Optional[int]:
-    """Training steps the run will make: --max-steps, capped by the data (no filtering assumed)."""
+    """Training steps the run will make: --max-steps, capped by the data (no filtering assumed) and
+    by --max-samples (a step generates at least prompts_per_step x samples_per_prompt responses, so
+    the budget allows at most that many steps; a filter that drops groups ends it sooner)."""
     recipe = manifest.get("recipe") or {}
-    per_episode = manifest.get("num_problems", 0) // max(recipe.get("prompts_per_step", 1), 1)
+    prompts = max(recipe.get("prompts_per_step", 1), 1)
+    per_episode = manifest.get("num_problems", 0) // prompts
     total = per_episode * recipe.get("episodes", 1) or None
     max_steps = manifest.get("max_steps")
-    return min(filter(None, (total, max_steps)), default=None)
+    by_samples = None
+    if manifest.get("max_samples"):
+        per_step = prompts * max(recipe.get("samples_per_prompt", 1), 1)
+        by_samples = -(-manifest["max_samples"] // per_step)
+    return min(filter(None, (total, max_steps, by_samples)), default=None)
 
 
 def generated_counts(run_dir, step: int) -> tuple:
@@ -712,7 +719,10 @@ def execute_run(run_dir, manifest: dict, resume: bool = False, verbose: bool = F
             manifest.setdefault("logs", []).append(str(log.relative_to(run_dir)))
             rundir.write_manifest(run_dir, manifest)
             stall.announce()
-            run_openrlhf(argv, patch_config)
+            from pipelines.launch import judge_server
+
+            with judge_server.serving(patch_config, run_dir) as serving_config:  # SGPO's own judge, if asked
+                run_openrlhf(argv, serving_config)
     except KeyboardInterrupt:
         _fail_if_stalled(stall, run_dir, manifest)
         manifest.update(status="interrupted", global_step=rundir.completed_steps(run_dir))
