@@ -67,6 +67,9 @@ def machine() -> str:
 @click.option("--preset", type=click.Choice(["auto", *PRESETS]), default="auto", help="As `ngrpo train --preset`.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
 @click.option("--save-steps", type=click.IntRange(min=1), default=None, help="As `ngrpo train --save-steps`.")
+@click.option("--drop-checkpoints", is_flag=True,
+              help="Remove a finished run's checkpoints once its final model is evaluated (the final model, logs and "
+                   "metrics stay; the run can no longer be continued). For studies of many runs of a real model.")
 @click.option("--reward-file", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Validation problems during training (as `ngrpo train --eval-data`).")
@@ -84,7 +87,8 @@ def machine() -> str:
               help="Let a model whose config names custom code (auto_map) run that code, in every run and evaluation "
                    "(as `ngrpo train --trust-remote-code`); without it such a model is refused.")
 @_recipe_options
-def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, budget, preset, device, save_steps, reward_file,
+def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, budget, preset, device, save_steps,
+          drop_checkpoints, reward_file,
           eval_data, eval_every, eval_n, eval_temperature, eval_top_p, eval_max_new_tokens, eval_limit, eval_backend,
           data_dir, overwrite, trust_remote_code, **recipe_flags):
     """Train every ALGO x SEED alike on DATA, evaluate the base model and every final model alike on
@@ -136,6 +140,7 @@ def study(study_dir, model, data_path, benchmarks, algos, seeds, max_steps, budg
                                                                    for b in names],
                      algos=algos, seeds=seeds, max_steps=max_steps, preset=preset, device=device, recipe=recipe,
                      train_args=train_args, eval=evaluation, budget=list(budget) if budget else None,
+                     drop_checkpoints=drop_checkpoints,
                      input_files=fingerprint_files([data_path, *names, eval_data, reward_file]))
     try:
         runner = Study(study_dir, plan, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True))

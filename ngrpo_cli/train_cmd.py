@@ -580,6 +580,7 @@ def _resume(run_dir, max_steps, verbose, trust_remote_code=False, stall_timeout=
     OpenRLHF's command line and the patch settings are rebuilt from the recorded recipe, and
     nothing outside the run but its base model is read or written (pipelines/launch/resume.py)."""
     from openrlhf_patch.cpu import early_ray
+    from openrlhf_patch.judge import JudgeError
     from pipelines.launch import resume, rundir, training
 
     run_path = Path(run_dir).resolve()
@@ -601,7 +602,8 @@ def _resume(run_dir, max_steps, verbose, trust_remote_code=False, stall_timeout=
             _check_features(argv, manifest.get("device"), manifest.get("model"))
             patch_config = resume.rebuild_patch_config(run_path, manifest, trust_remote_code)
             done = rundir.checkpoint_step(run_path)
-        except (resume.ResumeRefused, rundir.RunDirError, click.UsageError) as err:
+        except (resume.ResumeRefused, rundir.RunDirError, click.UsageError, JudgeError) as err:
+            # JudgeError: an SGPO run's --judge-prompt file, read again, is gone or unreadable
             raise click.ClickException(f"cannot resume {run_path}: {getattr(err, 'message', err)}")
         if manifest.get("max_steps") is not None and done >= manifest["max_steps"]:
             raise click.ClickException(f"{run_path} already has {done} steps (--max-steps {manifest['max_steps']}): "

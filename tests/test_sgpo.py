@@ -314,10 +314,12 @@ def test_a_cpu_run_grades_all_wrong_groups_through_the_judge(tmp_path, tiny_mode
                 break
             time.sleep(0.1)
         run = tmp_path / "run"
+        prompt = tmp_path / "judge_prompt.txt"
+        prompt.write_text((REPO / "openrlhf_patch" / "sgpo_judge_prompt.txt").read_text())
         proc = ngrpo("train", "--model", tiny_model_dir, "--data", data, "--output", run, "--device", "cpu",
                      "--preset", "cpu-tiny", "--algo", "sgpo", "--judge-url", portfile.read_text(),
                      "--judge-model", "toy", "--judge-max-fail-share", "0", "--reward-file", reward,
-                     "--max-steps", "2")
+                     "--judge-prompt", prompt, "--max-steps", "2")
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -337,6 +339,12 @@ def test_a_cpu_run_grades_all_wrong_groups_through_the_judge(tmp_path, tiny_mode
     assert steps[0]["ngrpo/judge_calls"] >= 1 and steps[0]["rollout/reward_mean"] > 0.5
     refs = [json.loads(line) for line in (run / "data" / "sgpo_references.jsonl").read_text().splitlines()]
     assert len(refs) == 16 and refs[0]["solution"].startswith("so it is")
+    # a resume reads the judge prompt again: gone, it is refused in one line before anything starts
+    prompt.unlink()
+    again = ngrpo("train", "--resume", run, "--max-steps", "3")
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert again.stderr.strip().splitlines()[-1].startswith(f"Error: cannot resume {run}: "), again.stderr[-2000:]
+    assert str(prompt) in again.stderr
 
 
 # ------------------------------------------------------------------ a real (toy) judge

@@ -180,3 +180,39 @@ def test_bad_arms_are_refused_before_anything_starts(tmp_path, algos, message):
                                       "--eval", "b", "--algos", algos])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_drop_checkpoints_removes_a_finished_runs_checkpoints_only_after_its_eval(tmp_path, monkeypatch, drop):
+    """The children stand in for `ngrpo train` and `ngrpo eval` (this test is about the study's
+    bookkeeping: the real children are the pipeline tests'); each writes what the real one writes."""
+    from pipelines.launch import rundir
+    from pipelines.studies.study import Study, StudyPlan
+
+    plan = StudyPlan(model="m", data="d.jsonl", benchmarks=["b"], algos=["grpo"], seeds=[0], drop_checkpoints=drop)
+    seen = []
+
+    def child(self, argv, log_name):
+        out = Path(argv[argv.index("--output" if argv[0] == "train" else "-o") + 1])
+        if argv[0] == "train":
+            (out / rundir.CHECKPOINTS / "global_step1").mkdir(parents=True)
+            (out / rundir.FINAL_MODEL).mkdir()
+            (out / rundir.FINAL_MODEL / "config.json").write_text("{}")
+            rundir.write_manifest(out, {"status": "finished", "global_step": 1})
+        else:
+            seen.append((rundir.CHECKPOINTS in {p.name for p in out.parent.iterdir()}) if out.name == "eval" else None)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text(json.dumps(
+                {"settings": {"n": 1}, "benchmarks": {"b": {"avg@1": 0.5}}}))
+        return 0
+
+    monkeypatch.setattr(Study, "_ngrpo", child)
+    study = Study(tmp_path / "s", plan, log=lambda msg: None)
+    state = study.execute(progress=False)
+    run = tmp_path / "s" / "runs" / "grpo-s0"
+    assert state["runs"]["grpo-s0"]["status"] == "finished"
+    assert seen == [None, True]  # the checkpoints were there while the final model was evaluated
+    assert (run / rundir.CHECKPOINTS).exists() is (not drop) and (run / rundir.FINAL_MODEL / "config.json").exists()
+    # housekeeping, not part of what is computed: a study planned without it continues with it
+    assert StudyPlan(model="m", data="d.jsonl", benchmarks=["b"], algos=["grpo"], seeds=[0]).key() == \
+        StudyPlan(model="m", data="d.jsonl", benchmarks=["b"], algos=["grpo"], seeds=[0], drop_checkpoints=True).key()

@@ -29,7 +29,7 @@ COMMON=(--model smollm2-135m-instruct --data "$OUT/data/train.jsonl" --eval "$OU
         --prompts-per-step 8 --samples-per-prompt 4 --mini-batch-prompts 8
         --max-prompt-len 128 --max-response-len 96 --temperature 0.6 --lr 1e-5
         --micro-train-batch-size 4 --micro-rollout-batch-size 8 --save-steps 4
-        --eval-n 4 --eval-temperature 0.6 --eval-max-new-tokens 128)
+        --eval-n 4 --eval-temperature 0.6 --eval-max-new-tokens 128 --drop-checkpoints)
 for regime in boxed authors; do
   $NGRPO study -o "$OUT/$regime" "${COMMON[@]}" --answer-extraction "$regime"
 done

@@ -63,11 +63,15 @@ class StudyPlan:
     # --budget KIND AMOUNT: [kind, amount], kind "steps", "samples" or "tokens" (BUDGET_FLAGS); every run
     # gets the same. None: max_steps alone.
     budget: Optional[list] = None
+    # --drop-checkpoints: a finished run's checkpoints/ is removed once its final model is evaluated
+    # (a study of many runs of a real model would fill the disk; the final model stays)
+    drop_checkpoints: bool = False
 
     def key(self) -> str:
         plan = dataclasses.asdict(self)
         if plan["budget"] is None:  # a study planned before budgets existed keeps its key
             del plan["budget"]
+        del plan["drop_checkpoints"]  # housekeeping, not what is computed: a study may turn it on later
         return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
     def runs(self) -> List[tuple]:
@@ -282,6 +286,8 @@ class Study:
                     entry["status"] = "finished" if eval_entry["status"] == "finished" else "failed"
                     entry.setdefault("error", eval_entry.get("error"))
                     self.save()
+                    if entry["status"] == "finished" and self.plan.drop_checkpoints:
+                        shutil.rmtree(self.run_dir(name) / rundir.CHECKPOINTS, ignore_errors=True)
                 bar.update(1)
                 bar.write(self._run_line(name, entry), file=sys.stderr)
         finally:
