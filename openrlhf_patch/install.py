@@ -87,25 +87,41 @@ def apply(config: PatchConfig = None, role: str = "driver") -> PatchConfig:
     return config
 
 
+_EM = "openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker"
+_AT = "openrlhf.trainer.ray.ppo_actor.ActorPPOTrainer"
+_SG = "openrlhf.trainer.ppo_utils.samples_generator.SamplesGenerator"
+
+
+def _wrap(target: str, owner, make) -> None:
+    """Install MAKE(OWNER's current TARGET attribute) through the touchpoint table, as the entry of
+    the calling _patch_* function (it raises, naming the target, when upstream has renamed it; a
+    second apply finds its marker and changes nothing)."""
+    from openrlhf_patch import touchpoints
+
+    site = f"openrlhf_patch/install.py:{sys._getframe(1).f_code.co_name}"
+    touchpoints.patch(target, make(getattr(owner, target.rsplit(".", 1)[1])), owner=owner, site=site)
+
+
 def _patch_experience_maker(experience_maker):
     from openrlhf_patch import advantages, old_log_probs
 
     maker = experience_maker.RemoteExperienceMaker
-    maker.compute_advantages_and_returns = advantages.wrap_compute_advantages(maker.compute_advantages_and_returns)
-    maker.make_experience_batch = old_log_probs.wrap_make_experience_batch(maker.make_experience_batch)
+    _wrap(f"{_EM}.compute_advantages_and_returns", maker, advantages.wrap_compute_advantages)
+    _wrap(f"{_EM}.make_experience_batch", maker, old_log_probs.wrap_make_experience_batch)
 
 
 def _patch_ppo_actor(ppo_actor):
     from openrlhf_patch import engines, heartbeat, old_log_probs, policy_loss
 
     # ActorPPOTrainer builds its loss from the name imported into ppo_actor.
-    ppo_actor.PolicyLoss = policy_loss.make_policy_loss_class(ppo_actor.PolicyLoss)
+    _wrap("openrlhf.trainer.ray.ppo_actor.PolicyLoss", ppo_actor, policy_loss.make_policy_loss_class)
     trainer = ppo_actor.ActorPPOTrainer
-    trainer.training_step = policy_loss.wrap_training_step(trainer.training_step)
-    trainer.ppo_train = old_log_probs.wrap_ppo_train(trainer.ppo_train)
-    trainer._init_vllm_sync_group = engines.wrap_init_vllm_sync_group(trainer._init_vllm_sync_group)
-    trainer.broadcast_to_vllm = heartbeat.wrap_with_heartbeat(trainer.broadcast_to_vllm, "weight sync", after="step end")
-    trainer.broadcast_to_vllm = engines.wrap_engine_calls(trainer.broadcast_to_vllm)  # a dead engine, named
+    _wrap(f"{_AT}.training_step", trainer, policy_loss.wrap_training_step)
+    _wrap(f"{_AT}.ppo_train", trainer, old_log_probs.wrap_ppo_train)
+    _wrap(f"{_AT}._init_vllm_sync_group", trainer, engines.wrap_init_vllm_sync_group)
+    # two layers: the heartbeat of a weight sync, and a dead engine named
+    _wrap(f"{_AT}.broadcast_to_vllm", trainer, lambda upstream: engines.wrap_engine_calls(
+        heartbeat.wrap_with_heartbeat(upstream, "weight sync", after="step end")))
     if patch_config.active().uniform_groups != "keep":  # keep: OpenRLHF's training step, nothing installed
         from openrlhf_patch import uniform_groups
 
@@ -116,7 +132,7 @@ def _patch_ppo_trainer(ppo_trainer):
     from openrlhf_patch import run_logger
 
     # The trainer builds its TensorBoard logger from the name imported into ppo_trainer.
-    ppo_trainer.TensorboardLogger = run_logger.make_run_logger_class(ppo_trainer.TensorboardLogger)
+    _wrap("openrlhf.trainer.ppo_trainer.TensorboardLogger", ppo_trainer, run_logger.make_run_logger_class)
 
 
 def _patch_samples_generator(samples_generator):
@@ -124,26 +140,27 @@ def _patch_samples_generator(samples_generator):
     from openrlhf_patch.cpu import speedups, tokenizer_once
 
     generator = samples_generator.SamplesGenerator
-    generator.generate_samples = sampling.wrap_generate_samples(generator.generate_samples)
-    generator.generate_samples = engines.wrap_engine_calls(generator.generate_samples)  # a dead engine, named
+    # two layers: --max-steps and the budgets, progress and heartbeat; and a dead engine named
+    _wrap(f"{_SG}.generate_samples", generator,
+          lambda upstream: engines.wrap_engine_calls(sampling.wrap_generate_samples(upstream)))
     if speedups.on("tokenizer-once"):
-        generator._dispatch_prompts_to_vllm = tokenizer_once.wrap_dispatch_prompts(generator._dispatch_prompts_to_vllm)
+        _wrap(f"{_SG}._dispatch_prompts_to_vllm", generator, tokenizer_once.wrap_dispatch_prompts)
     # every response processed (training rollouts and validation alike) is progress for the watchdog
-    generator._process_response_into_experience = heartbeat.wrap_with_heartbeat(
-        generator._process_response_into_experience, "generation")
+    _wrap(f"{_SG}._process_response_into_experience", generator,
+          lambda upstream: heartbeat.wrap_with_heartbeat(upstream, "generation"))
     # ngrpo's refill loop only where a group filter needs it: without one, OpenRLHF's own loop
     # generates (the rewards are checked before the advantages, advantages.wrap_compute_advantages).
     # SGPO grades all-wrong groups there too (it sees each group whole, before the advantages).
     wanted = patch_config.active().group_filter != "none" or bool(patch_config.active().sgpo)
     if wanted and not getattr(generator._generate_vllm, "_ngrpo", False):
-        generator._generate_vllm = sampling.make_generate_vllm()
+        _wrap(f"{_SG}._generate_vllm", generator, lambda upstream: sampling.make_generate_vllm())
 
 
 def _patch_deepspeed_strategy(ds_strategy):
     from openrlhf_patch import optimizer
 
     # DeepspeedStrategy builds its DeepSpeed config from the name imported into its module.
-    ds_strategy.get_train_ds_config = optimizer.wrap_train_ds_config(ds_strategy.get_train_ds_config)
+    _wrap("openrlhf.utils.deepspeed.deepspeed.get_train_ds_config", ds_strategy, optimizer.wrap_train_ds_config)
 
 
 # module -> ngrpo's hook patch, applied when (if ever) the process imports it: the vLLM rollout

@@ -101,11 +101,8 @@ def test_the_patch_leaves_openrlhfs_loop_without_a_filter():
     """install._patch_samples_generator replaces _generate_vllm only for a group filter."""
     from openrlhf_patch import install
 
-    class Generator:
+    class Generator(samples_generator.SamplesGenerator):  # the patch installs on the class (or a subclass) only
         _generate_vllm = UPSTREAM
-        generate_samples = samples_generator.SamplesGenerator.generate_samples
-        _dispatch_prompts_to_vllm = samples_generator.SamplesGenerator._dispatch_prompts_to_vllm
-        _process_response_into_experience = samples_generator.SamplesGenerator._process_response_into_experience
 
     module = SimpleNamespace(SamplesGenerator=Generator)
     patch_config.activate(patch_config.PatchConfig(group_filter="none", device="cpu"))

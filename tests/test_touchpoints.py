@@ -215,8 +215,7 @@ def test_the_scan_finds_known_patches():
     """The scanner itself: it follows imports, on-import patch functions, local names and calls."""
     sites = {(f"{rel}:{site}", target) for rel, site, target, _, _ in scan()}
     for expected in [
-        ("openrlhf_patch/install.py:_patch_experience_maker",
-         "openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker.compute_advantages_and_returns"),
+        ("openrlhf_patch/cpu/cpu_layout.py:run_trainer_in_driver", "openrlhf.trainer.ppo_trainer.PPOTrainer"),
         ("openrlhf_patch/cpu/cpu_mode.py:patch_weight_sync",
          "openrlhf.trainer.ray.ppo_actor.ActorPPOTrainer.broadcast_to_vllm"),
         ("openrlhf_patch/reproducible_rollouts.py:patches", "vllm.v1.engine.async_llm.AsyncLLM.generate"),
@@ -277,8 +276,9 @@ def test_every_touchpoints_patch_call_names_an_entry_of_its_site():
             assert (site, target) in entries, (site, target)
 
 
-@pytest.mark.xfail(strict=False, reason="not yet wired: the install code still assigns directly, "
-                                        "not through touchpoints.patch")
+@pytest.mark.xfail(strict=False, reason="not yet wired: install.py goes through touchpoints.patch; cpu_layout, "
+                                        "cpu_mode, early_ray, remote_code, reproducible_rollouts, export and "
+                                        "training still assign directly (36 sites)")
 def test_upstream_attributes_are_assigned_only_through_touchpoints_patch():
     direct = [f"{rel}:{line} ({site}): {how} {target}" for rel, site, target, line, how in scan()]
     print(f"\n{len(direct)} direct assignments:\n  " + "\n  ".join(direct))
