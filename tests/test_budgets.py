@@ -137,8 +137,8 @@ def test_study_budget_reaches_every_run_and_keeps_old_study_keys(tmp_path):
     from pipelines.studies.study import StudyPlan, budget_text, train_argv
 
     plan = StudyPlan(model="m", data="d", benchmarks=["b"], algos=["ngrpo"], seeds=[0])
-    old = dataclasses.asdict(plan)
-    del old["budget"]
+    old = dataclasses.asdict(plan)  # a plan written before --budget and --drop-checkpoints existed
+    del old["budget"], old["drop_checkpoints"]
     assert plan.key() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     budgeted = dataclasses.replace(plan, budget=["samples", 64])
     assert budgeted.key() != plan.key()

@@ -17,7 +17,9 @@ from ngrpo_cli.main import cli
 pytestmark = pytest.mark.pipeline
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-STANDARD_FIGURES = ["clip_fractions", "entropy", "group_outcomes", "kl", "response_length", "reward_accuracy"]
+# every run logs its cumulative generated responses, so by_generated_samples is drawn too
+STANDARD_FIGURES = ["by_generated_samples", "clip_fractions", "entropy", "group_outcomes", "kl", "response_length",
+                    "reward_accuracy"]
 
 
 def report(*args):
@@ -78,7 +80,7 @@ def two_runs(tiny_runs):
 def built(two_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "out"
     result = report_ok(*two_runs, "-o", out)
-    assert f"wrote {out / 'report.md'} with 6 figure(s) for 2 run(s)" in result.output
+    assert f"wrote {out / 'report.md'} with 7 figure(s) for 2 run(s)" in result.output
     return out, json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
 
 
