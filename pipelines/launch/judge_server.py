@@ -37,8 +37,7 @@ def free_port() -> int:
 
 def server_command(model_path: str, served_name: str, port: int, device: str, max_model_len: int) -> list:
     cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(model_path), "--served-model-name", served_name,
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
-           "--disable-log-requests"]
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len)]
     if device == "cpu":
         cmd += ["--dtype", "bfloat16", "--enforce-eager"]
     else:
