@@ -294,17 +294,25 @@ REWARD_ALL_WRONG = "import torch\ndef reward_func(queries, prompts, labels, **kw
                    "    r = torch.zeros(len(queries))\n    return {'rewards': r, 'scores': r, 'extra_logs': {}}\n"
 
 
-@pytest.mark.pipeline
-def test_a_cpu_run_grades_all_wrong_groups_through_the_judge(tmp_path, tiny_model_dir):
-    """Every group all-wrong (scripted reward); the judge finds no wrong step in any response (no
-    marker), so every response has RTS 1 and reward sigmoid(5 * 0.5) = 0.9241418199787566."""
-    from test_faults import ngrpo, write_problems
+def _all_wrong_inputs(tmp_path):
+    """16 problems with a reference solution each, and a reward file that scores every response 0."""
+    from test_faults import write_problems
 
     rows = [json.loads(line) for line in write_problems(tmp_path / "p.jsonl", 16).read_text().splitlines()]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({**r, "solution": f"so it is $\\boxed{{{r['answer']}}}$"}) + "\n" for r in rows))
     reward = tmp_path / "wrong.py"
     reward.write_text(REWARD_ALL_WRONG)
+    return data, reward
+
+
+@pytest.mark.pipeline
+def test_a_cpu_run_grades_all_wrong_groups_through_the_judge(tmp_path, tiny_model_dir):
+    """Every group all-wrong (scripted reward); the judge finds no wrong step in any response (no
+    marker), so every response has RTS 1 and reward sigmoid(5 * 0.5) = 0.9241418199787566."""
+    from test_faults import ngrpo
+
+    data, reward = _all_wrong_inputs(tmp_path)
     portfile = tmp_path / "url"
     server = subprocess.Popen([sys.executable, str(REPO / "tests" / "judge_server.py"), str(portfile)],
                               cwd=REPO, env={"PYTHONPATH": str(REPO / "tests")})
@@ -431,13 +439,9 @@ def test_a_cpu_run_with_a_judge_ngrpo_serves_itself(tmp_path, tiny_model_dir):
     the refill loop sends it every response of the (scripted) all-wrong groups. A 135M model
     cannot check arithmetic: its verdicts are poor and some unparsable (counted failures, reward 0
     kept); only the path and the bookkeeping are asserted."""
-    from test_faults import ngrpo, write_problems
+    from test_faults import ngrpo
 
-    rows = [json.loads(line) for line in write_problems(tmp_path / "p.jsonl", 16).read_text().splitlines()]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({**r, "solution": f"so it is $\\boxed{{{r['answer']}}}$"}) + "\n" for r in rows))
-    reward = tmp_path / "wrong.py"
-    reward.write_text(REWARD_ALL_WRONG)
+    data, reward = _all_wrong_inputs(tmp_path)
     run = tmp_path / "run"
     proc = ngrpo("train", "--model", tiny_model_dir, "--data", data, "--output", run, "--device", "cpu",
                  "--preset", "cpu-tiny", "--algo", "sgpo", "--judge-model", "smollm2-135m-instruct",
