@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,12 +26,6 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 class JudgeServerError(RuntimeError):
     """The judge could not be started; the message quotes its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(model_path: str, served_name: str, port: int, device: str, max_model_len: int) -> list:
@@ -112,7 +105,9 @@ def serving(patch_config, run_dir, model_path_of=None):
             return resolve_model(spec, allow_run_dir=True).path
     from pipelines.console import next_log_path
 
-    port, device = free_port(), patch_config.device
+    from pipelines.launch.warmup import _free_port  # the warm-up's loopback port helper
+
+    port, device = _free_port(), patch_config.device
     log_path = next_log_path(run_dir, "judge")
     cmd = server_command(model_path_of(sgpo["model"]), sgpo["model"], port, device, max_model_len=4096)
     print(f"[ngrpo] starting the SGPO judge ({sgpo['model']}) with vLLM's OpenAI server on 127.0.0.1:{port}; "
