@@ -91,9 +91,6 @@ def _keep_trained_samples(experiences, keep, micro_batch_size):
 
 
 def wrap_compute_advantages(upstream):
-    if getattr(upstream, "_ngrpo", False):
-        return upstream
-
     @functools.wraps(upstream)
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences):
@@ -128,5 +125,4 @@ def wrap_compute_advantages(upstream):
             experiences = _keep_trained_samples(experiences, keep, self.strategy.args.rollout.micro_batch_size)
         return experiences
 
-    compute_advantages_and_returns._ngrpo = True
     return compute_advantages_and_returns

@@ -24,9 +24,6 @@ def wrap_init_vllm_sync_group(upstream):
     joins, and the run used to sit there, then fail with a store timeout that hid the cause.
     Here the group forms in a thread while this one watches the engines; a dead engine's
     creation error is raised at once."""
-    if getattr(upstream, "_ngrpo", False):
-        return upstream
-
     @functools.wraps(upstream)
     def _init_vllm_sync_group(self, *args, **kwargs):
         import threading
@@ -64,7 +61,6 @@ def wrap_init_vllm_sync_group(upstream):
         if "error" in outcome:
             raise outcome["error"]
 
-    _init_vllm_sync_group._ngrpo = True
     return _init_vllm_sync_group
 
 
@@ -150,9 +146,6 @@ def wrap_engine_calls(upstream):
     weight sync), with a dead engine named: Ray's ActorDiedError from a call to it, or what its
     death caused elsewhere (the weight sync's gloo "Connection closed by peer"), becomes
     EngineDiedError("vLLM engine N died: cause")."""
-    if getattr(upstream, "_ngrpo_engines", False):
-        return upstream
-
     @functools.wraps(upstream)
     def with_engines_named(self, *args, **kwargs):
         try:
@@ -167,5 +160,4 @@ def wrap_engine_calls(upstream):
                 raise
             raise EngineDiedError(died) from err
 
-    with_engines_named._ngrpo_engines = True
     return with_engines_named

@@ -44,9 +44,6 @@ def heartbeat(stage: str) -> None:
 
 def wrap_with_heartbeat(upstream, stage: str, after: str = None):
     """UPSTREAM with a heartbeat of STAGE as it starts (and of AFTER once it returned)."""
-    if getattr(upstream, "_ngrpo_heartbeat", False):
-        return upstream
-
     @functools.wraps(upstream)
     def with_heartbeat(*args, **kwargs):
         heartbeat(stage)
@@ -55,5 +52,4 @@ def wrap_with_heartbeat(upstream, stage: str, after: str = None):
             heartbeat(after)
         return result
 
-    with_heartbeat._ngrpo_heartbeat = True
     return with_heartbeat

@@ -152,7 +152,7 @@ def _patch_samples_generator(samples_generator):
     # generates (the rewards are checked before the advantages, advantages.wrap_compute_advantages).
     # SGPO grades all-wrong groups there too (it sees each group whole, before the advantages).
     wanted = patch_config.active().group_filter != "none" or bool(patch_config.active().sgpo)
-    if wanted and not getattr(generator._generate_vllm, "_ngrpo", False):
+    if wanted:  # a second apply finds the replacement in place (its touchpoint marker)
         _wrap(f"{_SG}._generate_vllm", generator, lambda upstream: sampling.make_generate_vllm())
 
 

@@ -107,9 +107,6 @@ def _policy_ranks(args) -> int:
 
 
 def wrap_make_experience_batch(upstream):
-    if getattr(upstream, "_ngrpo", False):
-        return upstream
-
     @functools.wraps(upstream)
     @torch.no_grad()
     def make_experience_batch(self, rollout_samples_):
@@ -143,7 +140,6 @@ def wrap_make_experience_batch(upstream):
         _mark(experiences, reused=True)
         return experiences
 
-    make_experience_batch._ngrpo = True
     return make_experience_batch
 
 
@@ -189,15 +185,11 @@ def _mark(experiences, reused: bool) -> None:
 
 def wrap_ppo_train(upstream):
     """ActorPPOTrainer.ppo_train, remembering the optimizer steps taken before it began."""
-    if getattr(upstream, "_ngrpo", False):
-        return upstream
-
     @functools.wraps(upstream)
     def ppo_train(self, *args, **kwargs):
         self._ngrpo_steps_at_start = self.actor.model.global_steps
         return upstream(self, *args, **kwargs)
 
-    ppo_train._ngrpo = True
     return ppo_train
 
 

@@ -22,9 +22,6 @@ def fused_adam_buildable(device: str) -> bool:
 def wrap_train_ds_config(upstream):
     """OpenRLHF's get_train_ds_config, with DeepSpeed's `torch_adam` set for Adam when FusedAdam
     cannot be built here: the same AdamW update (betas, eps, weight decay) by torch.optim.AdamW."""
-    if getattr(upstream, "_ngrpo", False):
-        return upstream
-
     @functools.wraps(upstream)
     def get_train_ds_config(*args, **kwargs):
         config = upstream(*args, **kwargs)
@@ -34,5 +31,4 @@ def wrap_train_ds_config(upstream):
             optimizer.setdefault("params", {})["torch_adam"] = True
         return config
 
-    get_train_ds_config._ngrpo = True
     return get_train_ds_config

@@ -18,13 +18,8 @@ from openrlhf_patch.old_log_probs import check_weights_unchanged
 
 
 def make_policy_loss_class(upstream_cls):
-    if getattr(upstream_cls, "_ngrpo", False):
-        return upstream_cls
-
     class PolicyLossWithClipBounds(upstream_cls):
         """OpenRLHF's PolicyLoss, plus the share of tokens clipped at the low and high bound."""
-
-        _ngrpo = True
 
         def loss_and_metrics(self, log_probs, old_log_probs, advantages, action_mask=None, *args, **kwargs):
             """(upstream's return: loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio; {metric: 0-d tensor})."""
@@ -49,9 +44,6 @@ def make_policy_loss_class(upstream_cls):
 
 
 def wrap_training_step(upstream):
-    if getattr(upstream, "_ngrpo", False):
-        return upstream
-
     @functools.wraps(upstream)
     def training_step(self, experience, *args, **kwargs):
         heartbeat("training")
@@ -71,5 +63,4 @@ def wrap_training_step(upstream):
         finally:
             self.actor_loss_fn = loss_fn
 
-    training_step._ngrpo = True
     return training_step

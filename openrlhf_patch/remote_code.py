@@ -77,19 +77,27 @@ def make_is_vlm_model(trust: bool):
 def patches(trust: bool) -> dict:
     """{module: patch} for upstream.patch_on_import (every name is in upstream.SYMBOLS)."""
 
+    from openrlhf_patch import touchpoints
+
+    def put(target, module, make):
+        # a later run in this process (its own --trust-remote-code) puts its value in place of this one
+        name = target.rsplit(".", 1)[1]
+        touchpoints.patch(target, make(getattr(module, name)), owner=module, reinstall=True)
+
     def patch_utils(utils):
-        utils.AutoTokenizer = TrustDecided(utils.AutoTokenizer, trust)
-        utils.is_vlm_model = make_is_vlm_model(trust)
+        put("openrlhf.utils.utils.AutoTokenizer", utils, lambda cls: TrustDecided(cls, trust))
+        put("openrlhf.utils.utils.is_vlm_model", utils, lambda _: make_is_vlm_model(trust))
 
     def patch_actor(actor):
-        actor.AutoModelForCausalLM = TrustDecided(actor.AutoModelForCausalLM, trust)
-        actor.AutoModelForImageTextToText = TrustDecided(actor.AutoModelForImageTextToText, trust)
+        put("openrlhf.models.actor.AutoModelForCausalLM", actor, lambda cls: TrustDecided(cls, trust))
+        put("openrlhf.models.actor.AutoModelForImageTextToText", actor, lambda cls: TrustDecided(cls, trust))
 
     def patch_model(model):
-        model.AutoConfig = TrustDecided(model.AutoConfig, trust)
+        put("openrlhf.models.model.AutoConfig", model, lambda cls: TrustDecided(cls, trust))
 
     def patch_vllm_engine(vllm_engine):
-        vllm_engine.RolloutRayActor = ActorClassTrustDecided(vllm_engine.RolloutRayActor, trust)
+        put("openrlhf.trainer.ray.vllm_engine.RolloutRayActor", vllm_engine,
+            lambda cls: ActorClassTrustDecided(cls, trust))
 
     return {
         "openrlhf.utils.utils": patch_utils,

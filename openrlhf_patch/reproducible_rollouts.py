@@ -20,6 +20,8 @@ ngrpo's patch) with it; a researcher can use it to rerun a step exactly.
 import functools
 import hashlib
 
+from openrlhf_patch import touchpoints
+
 VLLM_MODULE = "vllm.v1.engine.async_llm"
 GENERATOR_MODULE = "openrlhf.trainer.ppo_utils.samples_generator"
 
@@ -32,9 +34,6 @@ def sample_seed(run_seed: int, prompt_token_ids, index: int) -> int:
 
 def wrap_generate(upstream, run_seed: int):
     """AsyncLLM.generate, giving a request without a seed the one `sample_seed` makes."""
-    if getattr(upstream, "_ngrpo", False):
-        return upstream
-
     @functools.wraps(upstream)
     async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
         tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
@@ -49,21 +48,16 @@ def wrap_generate(upstream, run_seed: int):
         async for output in upstream(self, prompt, sampling_params, request_id, *args, **kwargs):
             yield output
 
-    generate._ngrpo = True
     return generate
 
 
 def wrap_dispatch(upstream):
     """SamplesGenerator._dispatch_prompts_to_vllm, remembering the order of the prompts sent."""
-    if getattr(upstream, "_ngrpo_order", False):
-        return upstream
-
     @functools.wraps(upstream)
     def dispatch(self, prompts, *args, **kwargs):
         self.__dict__.setdefault("_ngrpo_dispatched", []).extend(prompts)
         return upstream(self, prompts, *args, **kwargs)
 
-    dispatch._ngrpo_order = True
     return dispatch
 
 
@@ -78,16 +72,12 @@ def in_dispatch_order(experiences, dispatched):
 
 def wrap_generate_vllm(upstream):
     """SamplesGenerator._generate_vllm (OpenRLHF's or ngrpo's), its groups in dispatch order."""
-    if getattr(upstream, "_ngrpo_order", False):
-        return upstream
-
     @functools.wraps(upstream)
     def _generate_vllm(self, *args, **kwargs):
         self._ngrpo_dispatched = []
         experiences, consumed, exhausted = upstream(self, *args, **kwargs)
         return in_dispatch_order(experiences, self._ngrpo_dispatched), consumed, exhausted
 
-    _generate_vllm._ngrpo_order = True
     return _generate_vllm
 
 
@@ -106,11 +96,17 @@ def patches(run_seed: int) -> dict:
             raise RuntimeError(f"--reproducible-rollouts: {VLLM_MODULE}.AsyncLLM.generate takes {params or 'nothing'}, "
                                "not (self, prompt, sampling_params, request_id) as in vLLM 0.29; "
                                "openrlhf_patch/reproducible_rollouts.py must be ported to this vLLM")
-        async_llm.AsyncLLM.generate = wrap_generate(generate, run_seed)
+        # another run in this process (its own seed) wraps vLLM's own generate in place of this one
+        engine = async_llm.AsyncLLM
+        upstream = touchpoints.original("vllm.v1.engine.async_llm.AsyncLLM.generate", owner=engine)
+        touchpoints.patch("vllm.v1.engine.async_llm.AsyncLLM.generate", wrap_generate(upstream, run_seed),
+                          owner=engine, reinstall=True)
 
     def patch_generator(samples_generator):
         generator = samples_generator.SamplesGenerator
-        generator._dispatch_prompts_to_vllm = wrap_dispatch(generator._dispatch_prompts_to_vllm)
-        generator._generate_vllm = wrap_generate_vllm(generator._generate_vllm)
+        touchpoints.patch("openrlhf.trainer.ppo_utils.samples_generator.SamplesGenerator._dispatch_prompts_to_vllm",
+                          wrap_dispatch(generator._dispatch_prompts_to_vllm), owner=generator)
+        touchpoints.patch("openrlhf.trainer.ppo_utils.samples_generator.SamplesGenerator._generate_vllm",
+                          wrap_generate_vllm(generator._generate_vllm), owner=generator)
 
     return {VLLM_MODULE: patch_vllm, GENERATOR_MODULE: patch_generator}

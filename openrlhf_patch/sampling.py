@@ -77,7 +77,6 @@ def make_generate_vllm():
             _sgpo_close_step(self, accepted, time.monotonic() - started)
         return accepted, prompts_consumed, exhausted
 
-    _generate_vllm._ngrpo = True
     return _generate_vllm
 
 
@@ -213,9 +212,6 @@ def _account(self, cfg, samples, step: int) -> None:
 
 
 def wrap_generate_samples(upstream):
-    if getattr(upstream, "_ngrpo", False):
-        return upstream
-
     @functools.wraps(upstream)
     def generate_samples(self, *args, **kwargs):
         cfg = active()
@@ -245,5 +241,4 @@ def wrap_generate_samples(upstream):
                 self.args.ckpt.save_steps = 1  # the budget's last step checkpoints too
         return samples, pass_rate, consumed, exhausted
 
-    generate_samples._ngrpo = True
     return generate_samples

@@ -28,11 +28,12 @@ Nothing here imports an upstream library at module import: the table is data, an
   check_all(entries, runs)   every entry (of these runs): TouchpointError listing all failures
   patch(target, value, owner=None)   the one way to assign an upstream attribute: the entry must be
                              in the table, the attribute must exist, what it replaced is recorded
-                             (`undo`, `patched`, `original`), and a second call is a no-op (one
-                             marker, MARKER, instead of _ngrpo, _ngrpo_cpu, _ngrpo_heartbeat,
-                             _ngrpo_engines, _ngrpo_order, _ngrpo_thread); reinstall=True replaces
-                             a patch made with other parameters
+                             (`undo`, `patched`, `original`), and a second call is a no-op (the
+                             one marker, MARKER, on the installed value: a wrapper of another
+                             patch carries that patch's key, not this one's); reinstall=True
+                             replaces a patch made with other parameters
   patched(target, value)     the same for a block (temporary swaps), undone after it
+  reset(target, value)       a piece of upstream state cleared, not a patch (nothing to undo)
   render_markdown()          docs/UPSTREAM.md (`python -m openrlhf_patch.touchpoints > docs/UPSTREAM.md`)
 """
 import ast
@@ -413,9 +414,8 @@ TOUCHPOINTS: Tuple[Touchpoint, ...] = (
     _t("ray", "ray._private.node.Node", "replace", "cpu-speedup", "cpu", _P + "cpu/early_ray.py:_ray_builds_nodes_with",
        "while ray.init runs: it builds the lean node, or is handed the node started early"),
     _t("ray", "ray._private.node.Node", "replace", "correctness", _TRAIN, _P + "cpu/early_ray.py:_arm_private_node",
-       "one-shot: the next node ray.init builds in this process is the private one (loopback, token)"),
-    _t("ray", "ray._private.node.Node", "replace", "correctness", _TRAIN, _P + "cpu/early_ray.py:_disarm",
-       "puts Ray's own Node class back when no launch took the one-shot"),
+       "one-shot: the next node ray.init builds in this process is the private one (loopback, token); "
+       "undone (_disarm) once built, or when no launch took it"),
     _t("ray", "ray._private.node.Node.__init__(head)", "read", "cpu-speedup", "cpu", _P + "cpu/early_ray.py:_lean_node_class",
        "the lean node changes only the head's parameters"),
     _t("ray", "ray._private.parameter.RayParams.no_monitor", "read", "cpu-speedup", "cpu",
@@ -443,7 +443,7 @@ TOUCHPOINTS: Tuple[Touchpoint, ...] = (
     _t("ray", "ray._private.worker.connect", "replace", "cpu-speedup", "cpu", _P + "cpu/early_ray.py:EarlyNode._start",
        "while the early ray.init runs: stops where it would connect a driver, keeping the node"),
     _t("ray", "ray._private.worker._global_node", "replace", "cpu-speedup", "cpu", _P + "cpu/early_ray.py:EarlyNode.stop",
-       "private: cleared when an early node no launch took is stopped"),
+       "private: cleared (touchpoints.reset, nothing to undo) when an early node no launch took is stopped"),
     _t("ray", "ray._private.log_monitor.LogMonitor", "read", "cpu-speedup", "cpu", _P + "cpu/early_ray.py:EarlyNode._follow_logs",
        "built in the driver (its constructor arguments, is_proc_alive)"),
     _t("ray", "ray._private.log_monitor.is_proc_alive", "read", "cpu-speedup", "cpu", _P + "cpu/early_ray.py:EarlyNode._follow_logs",
@@ -1010,6 +1010,22 @@ def patched(entry_target, new_value, *, owner=None, site: str = None):
                 _undo_record(record)
 
 
+def reset(entry_target, value, *, owner=None, site: str = None) -> None:
+    """Set ENTRY_TARGET to VALUE as upstream itself would (a piece of state cleared: Ray's global
+    node after ngrpo killed it), not a patch: nothing is recorded and `undo_all` does not put the
+    old value back. Raises as `patch` does when the entry or the attribute is missing."""
+    entry = entry_for(entry_target, site, here=_caller_site())
+    parent, name = entry.target.rsplit(".", 1)
+    owner = resolve(parent) if owner is None else owner
+    try:
+        _current(owner, name)
+    except TouchpointError:
+        raise TouchpointError(f"{entry.target}: missing in the installed {entry.library} "
+                              f"{installed_version(entry.library) or '?'}; ngrpo's code at {entry.site} "
+                              "must be ported") from None
+    setattr(owner, name, value)
+
+
 def undo_all() -> None:
     """Undo every patch of this process, the last first (tests)."""
     with _lock:
@@ -1046,6 +1062,10 @@ def render_markdown(entries: Iterable[Touchpoint] = None) -> str:
         "ngrpo's), **read** (a private or internal name ngrpo relies on), **copy** (ngrpo carries a copy",
         "or port of the body; its sha256 is checked), **env** (an environment variable). runs: gpu and",
         "cpu (training runs), eval (`ngrpo eval`), export (`ngrpo export-hf`).",
+        "",
+        "Every replace and wrap is installed by `touchpoints.patch` (`patched` for a block, `reset` for",
+        "state cleared), which raises naming the target when it is missing or not in this table; an",
+        "AST scan in tests/test_touchpoints.py fails on any other assignment to an upstream attribute.",
         "",
         f"{len(entries)} touchpoints.",
         "",

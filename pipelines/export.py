@@ -47,6 +47,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from openrlhf_patch import touchpoints
 from pipelines.launch import rundir
 from pipelines.models import is_hub_id
 
@@ -299,12 +300,9 @@ def weights_only_loading(allow_unsafe_pickle: bool = False):
         kwargs["weights_only"] = True
         return load(*args, **kwargs)
 
-    torch.load = weights_only_load
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            yield
-    finally:
-        torch.load = load
+    with touchpoints.patched("torch.load", weights_only_load), \
+            torch.serialization.safe_globals(deepspeed_safe_globals()):
+        yield
 
 
 def safe_torch_load(path, map_location="cpu", mmap: bool = False, allow_unsafe_pickle: bool = False):

@@ -74,17 +74,28 @@ def test_off_keeps_only_what_cpu_needs(monkeypatch):
 
 
 def test_off_leaves_the_weight_sync_and_tokenizer_to_upstream(monkeypatch):
-    class Trainer:
+    cpu_mode.ensure_flash_attn_importable()  # OpenRLHF imports flash_attn; CPU mode provides it
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
+
+    class Trainer(ActorPPOTrainer):  # a subclass: the patch lands on it, not on OpenRLHF's class
         def broadcast_to_vllm(self):
             return "upstream"
 
+    key = ("openrlhf.trainer.ray.ppo_actor.ActorPPOTrainer.broadcast_to_vllm",
+           "openrlhf_patch/cpu/cpu_mode.py:patch_weight_sync")
+    upstream = Trainer.broadcast_to_vllm
     monkeypatch.setenv(speedups.ENV, "off")
     cpu_mode.patch_weight_sync(Trainer)
-    assert Trainer.__dict__["broadcast_to_vllm"].__name__ == "broadcast_to_vllm"
-    assert not getattr(Trainer.broadcast_to_vllm, "_ngrpo_cpu", False)
+    assert Trainer.broadcast_to_vllm is upstream
     monkeypatch.setenv(speedups.ENV, "on")
+    speedups._decided.clear()
     cpu_mode.patch_weight_sync(Trainer)
-    assert Trainer.broadcast_to_vllm._ngrpo_cpu
+    try:
+        assert key in touchpoints.markers(Trainer.broadcast_to_vllm)
+        assert Trainer.broadcast_to_vllm.__wrapped__ is upstream
+    finally:
+        touchpoints.undo(key[0], owner=Trainer, site=key[1])
+    assert Trainer.broadcast_to_vllm is upstream
 
 
 def test_a_part_on_an_unchecked_version_turns_itself_off_in_one_line(monkeypatch, capsys):

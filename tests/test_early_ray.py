@@ -112,7 +112,16 @@ def test_a_ray_that_connects_elsewhere_is_undone_and_declined(monkeypatch):
     import ray
     from ray._private import worker
 
-    monkeypatch.setattr(early_ray, "_CONNECT", "connect_elsewhere")  # patch a name ray.init never calls
+    from openrlhf_patch import touchpoints
+
+    real = touchpoints.patched
+
+    def patched(target, value, **kwargs):  # a Ray whose ray.init never calls the patched connect
+        if target == "ray._private.worker.connect":
+            return contextlib.nullcontext(value)
+        return real(target, value, **kwargs)
+
+    monkeypatch.setattr(touchpoints, "patched", patched)
     early = early_ray.start(training.local_node_kwargs("cpu", 1))
     assert not early.ready() and "without ray._private.worker.connect" in str(early.error)
     assert early_ray.take(training.local_node_kwargs("cpu", 1)) is None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from openrlhf_patch import config as patch_config
-from openrlhf_patch import install
+from openrlhf_patch import install, touchpoints
 from openrlhf_patch.config import PatchConfig
 from pipelines.launch import training
 from pipelines.launch.recipes import ALGOS, build_recipe
@@ -129,7 +129,9 @@ def test_apply_is_idempotent_and_refuses_untested_versions(patched):
 
     assert install.apply(PatchConfig(estimator="ngrpo")) is patched  # second call: no-op
     wrapped = RemoteExperienceMaker.compute_advantages_and_returns
-    assert wrapped._ngrpo and not getattr(wrapped.__wrapped__, "_ngrpo", False)  # wrapped exactly once
+    key = (f"{RemoteExperienceMaker.__module__}.RemoteExperienceMaker.compute_advantages_and_returns",
+           "openrlhf_patch/install.py:_patch_experience_maker")
+    assert key in touchpoints.markers(wrapped) and key not in touchpoints.markers(wrapped.__wrapped__)  # once
     assert ppo_actor.PolicyLoss.__name__ == "PolicyLossWithClipBounds"
     assert ppo_actor.PolicyLoss.__mro__[1].__name__ == "PolicyLoss"
     with pytest.raises(install.UnsupportedOpenRLHFVersion, match=r"openrlhf 0\.12\.0 is not supported.*0\.11\.2"):

@@ -115,7 +115,10 @@ def test_the_patch_leaves_openrlhfs_loop_without_a_filter():
     module = SimpleNamespace(SamplesGenerator=Filtered)
     patch_config.activate(patch_config.PatchConfig(group_filter="drop_all_correct", device="cpu"))
     install._patch_samples_generator(module)
-    assert getattr(Filtered._generate_vllm, "_ngrpo", False)
+    from openrlhf_patch import touchpoints
+
+    assert ("openrlhf.trainer.ppo_utils.samples_generator.SamplesGenerator._generate_vllm",
+            "openrlhf_patch/install.py:_patch_samples_generator") in touchpoints.markers(Filtered._generate_vllm)
 
 
 @pytest.mark.parametrize("num_prompts", [4, 10, 12])

@@ -9,8 +9,8 @@ it through. OpenRLHF's hard-coded trust_remote_code=True is replaced by the run'
 import inspect
 import json
 import shutil
+import types
 from pathlib import Path
-from types import SimpleNamespace
 
 import click
 import pytest
@@ -216,6 +216,12 @@ def test_the_patched_names_exist_in_this_openrlhf():
     assert upstream.missing(names) == []
 
 
+def _module(name, **attrs):
+    module = types.ModuleType(name)
+    vars(module).update(attrs)
+    return module
+
+
 def test_the_patch_decides_trust_remote_code_for_openrlhf():
     calls = []
 
@@ -232,9 +238,11 @@ def test_the_patch_decides_trust_remote_code_for_openrlhf():
             calls.append(kwargs["trust_remote_code"])
 
     for trust in (False, True):
-        utils, actor = SimpleNamespace(AutoTokenizer=Auto, is_vlm_model=None), \
-            SimpleNamespace(AutoModelForCausalLM=Auto, AutoModelForImageTextToText=Auto)
-        model, engine = SimpleNamespace(AutoConfig=Auto), SimpleNamespace(RolloutRayActor=ActorClass())
+        # stand-ins for the four OpenRLHF modules, under their names (touchpoints.patch checks the owner)
+        utils = _module("openrlhf.utils.utils", AutoTokenizer=Auto, is_vlm_model=None)
+        actor = _module("openrlhf.models.actor", AutoModelForCausalLM=Auto, AutoModelForImageTextToText=Auto)
+        model = _module("openrlhf.models.model", AutoConfig=Auto)
+        engine = _module("openrlhf.trainer.ray.vllm_engine", RolloutRayActor=ActorClass())
         patches = remote_code.patches(trust)
         for name, module in (("openrlhf.utils.utils", utils), ("openrlhf.models.actor", actor),
                              ("openrlhf.models.model", model), ("openrlhf.trainer.ray.vllm_engine", engine)):

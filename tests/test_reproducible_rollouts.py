@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from openrlhf_patch import reproducible_rollouts as rr
+from openrlhf_patch import touchpoints
 
 
 def test_a_samples_seed_depends_on_the_run_seed_the_prompt_and_its_index_only():
@@ -56,8 +57,14 @@ def test_a_vllm_with_other_generate_arguments_is_refused_by_name():
         rr.patches(0)[rr.VLLM_MODULE](SimpleNamespace(AsyncLLM=Moved))
     real = importlib.import_module(rr.VLLM_MODULE)
     original = real.AsyncLLM.generate
+    target = "vllm.v1.engine.async_llm.AsyncLLM.generate"
     try:
         rr.patches(0)[rr.VLLM_MODULE](real)  # the installed vLLM has the arguments it reads
-        assert real.AsyncLLM.generate._ngrpo and real.AsyncLLM.generate.__wrapped__ is original
+        first = real.AsyncLLM.generate
+        assert (target, "openrlhf_patch/reproducible_rollouts.py:patches") in touchpoints.markers(first)
+        assert first.__wrapped__ is original
+        rr.patches(0)[rr.VLLM_MODULE](real)  # applied again: vLLM's own generate wrapped once, not twice
+        assert real.AsyncLLM.generate.__wrapped__ is original
     finally:
-        real.AsyncLLM.generate = original
+        touchpoints.undo(target, owner=real.AsyncLLM)
+    assert real.AsyncLLM.generate is original

@@ -475,3 +475,37 @@ def test_the_judge_servers_command_line_is_one_vllms_own_parser_takes(device):
     assert (args.enforce_eager, args.dtype) == ((True, "bfloat16") if device == "cpu" else (False, "auto"))
     with pytest.raises(SystemExit):
         make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:] + ["--disable-log-requests"])
+
+
+def test_a_study_runs_sgpo_and_ucpo_like_any_recipe(tmp_path, monkeypatch, tiny_model_dir):
+    """`ngrpo study --algos sgpo,ucpo,grpo` hands each run its recipe and the judge flags, and,
+    because UCPO may abstain, evaluates every model (the base model too) with abstention offered.
+    The study stops at its first step here (Study.execute): the runs themselves are the CPU runs above."""
+    from click.testing import CliRunner
+
+    from ngrpo_cli.main import cli
+    from pipelines.studies import study as study_mod
+
+    plans = []
+
+    def execute(self, progress=True):
+        plans.append(self.plan)
+        raise study_mod.StudyError("stopped by the test")
+
+    monkeypatch.setattr(study_mod.Study, "execute", execute)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"id": "1", "problem": "What is 1 + 1?", "answer": "2",
+                                "solution": "1 + 1 = 2, so \\boxed{2}."}) + "\n")
+    result = CliRunner().invoke(cli, [
+        "study", "-o", str(tmp_path / "s"), "--model", str(tiny_model_dir), "--data", str(data), "--eval", str(data),
+        "--algos", "sgpo,ucpo,grpo", "--seeds", "0", "--max-steps", "1",
+        "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "judge"])
+    assert result.exit_code == 1 and "stopped by the test" in result.output, result.output
+    plan, = plans
+    assert plan.eval["abstention"] is True
+    argv = {algo: study_mod.train_argv(plan, algo, 0, tmp_path / algo) for algo in ("sgpo", "ucpo", "grpo")}
+    for algo, args in argv.items():
+        assert args[args.index("--algo") + 1] == algo
+        assert args[args.index("--judge-url") + 1] == "http://127.0.0.1:9/v1"  # shared: only SGPO reads it
+        assert args[args.index("--judge-model") + 1] == "judge"
+    assert "--abstention" in study_mod.eval_argv(plan, "m", tmp_path / "e")

@@ -65,4 +65,3 @@ def test_the_dispatch_sends_the_pickled_once_tokenizer_and_puts_its_own_back(tok
     with pytest.raises(RuntimeError):
         wrapped(generator, ["a"], fail=True)
     assert generator.tokenizer is tokenizer
-    assert tokenizer_once.wrap_dispatch_prompts(wrapped) is wrapped

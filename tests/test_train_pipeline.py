@@ -263,11 +263,12 @@ def test_an_actor_started_by_openrlhf_launcher_reports_the_patch(tmp_path):
         from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
         from openrlhf.trainer.ray import ppo_actor
         from openrlhf_patch import install as _install
+        from openrlhf_patch import touchpoints as _tp
 
         cfg = _install.active_config()
         return {"pid": _os.getpid(), "estimator": cfg.estimator, "K": cfg.estimator_options["virtual_samples"],
                 "loss": ppo_actor.PolicyLoss.__name__,
-                "advantages_patched": getattr(RemoteExperienceMaker.compute_advantages_and_returns, "_ngrpo", False),
+                "advantages_patched": bool(_tp.markers(RemoteExperienceMaker.compute_advantages_and_returns)),
                 "gloo_sync": ppo_actor.stateless_init_process_group.__name__, **imported_by_the_actor}
 
     @ray.remote
@@ -275,7 +276,9 @@ def test_an_actor_started_by_openrlhf_launcher_reports_the_patch(tmp_path):
         import openrlhf.trainer.ray.vllm_engine  # noqa: F401 - what loading RolloutRayActor imports
         import vllm
 
-        return {"engine_args_patched": getattr(vllm.__dict__.get("AsyncEngineArgs"), "_ngrpo_cpu", False), **loaded()}
+        from openrlhf_patch import touchpoints as _tp
+
+        return {"engine_args_patched": bool(_tp.markers(vllm.__dict__.get("AsyncEngineArgs"))), **loaded()}
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False,
              runtime_env={"worker_process_setup_hook": install.HOOK, "env_vars": {**config.to_env(), **cpu_env()}})

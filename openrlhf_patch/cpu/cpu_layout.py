@@ -18,6 +18,7 @@ and it must take in new weights while the policy sends them.
 engine core); GPU runs always have it, and on a Ray cluster the policy stays on the cluster.
 """
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -150,16 +151,18 @@ def run_trainer_in_driver(seed=None) -> None:
     trainer is built, as the worker hook does in a trainer actor (its prompt loader's order)."""
     from openrlhf.trainer import ppo_trainer
 
+    from openrlhf_patch import touchpoints
+
     def seed_torch():
         if seed is not None:
             import torch
 
             torch.manual_seed(seed)
 
-    actor_class = ppo_trainer.PPOTrainer
-    if isinstance(actor_class, InProcessActor):  # a second run in this process: its own seed
-        actor_class = actor_class.actor_class
-    ppo_trainer.PPOTrainer = InProcessActor(actor_class, before_init=seed_torch)
+    # a second run in this process puts its own seed in place of the first run's
+    upstream = touchpoints.original("openrlhf.trainer.ppo_trainer.PPOTrainer", owner=ppo_trainer)
+    touchpoints.patch("openrlhf.trainer.ppo_trainer.PPOTrainer", InProcessActor(upstream, before_init=seed_torch),
+                      owner=ppo_trainer, reinstall=True)
     print("[ngrpo] CPU layout: the PPOTrainer runs in the driver", file=sys.stderr, flush=True)
 
 
@@ -208,11 +211,11 @@ def policy_in_driver():
 
 def _patch_actor_groups() -> None:
     from openrlhf.trainer.ray import launcher
+    from openrlhf_patch import touchpoints
 
     upstream = launcher.RayActorGroup._initiate_actors
-    if getattr(upstream, "_ngrpo_cpu", False):
-        return
 
+    @functools.wraps(upstream)
     def _initiate_actors(self, pg, num_gpus_per_actor):
         one = self._num_nodes * self._num_gpus_per_node == 1
         if not (_launch["policy_in_driver"] and one and
@@ -222,5 +225,4 @@ def _patch_actor_groups() -> None:
         self._actor_handlers = [InProcessActor(self.ray_actor_type).remote(1, 0, None, None)]
         print("[ngrpo] CPU layout: the policy runs in the driver", file=sys.stderr, flush=True)
 
-    _initiate_actors._ngrpo_cpu = True
-    launcher.RayActorGroup._initiate_actors = _initiate_actors
+    touchpoints.patch("openrlhf.trainer.ray.launcher.RayActorGroup._initiate_actors", _initiate_actors)

@@ -17,6 +17,7 @@ CUDA-only assumption and nothing else:
 """
 import contextlib
 import datetime
+import functools
 import os
 import shutil
 import sys
@@ -209,61 +210,66 @@ def broadcast_to_vllm_in_buckets(self):
 def patch_weight_sync(trainer_cls) -> None:
     """Send weights in buckets where upstream would use the per-tensor gloo broadcast (not for
     CUDA IPC, Ray collectives, or tensor-parallel DeepSpeed, which gathers differently)."""
+    from openrlhf_patch import touchpoints
     from openrlhf_patch.cpu import speedups
 
-    upstream = trainer_cls.broadcast_to_vllm
-    if getattr(upstream, "_ngrpo_cpu", False) or not speedups.on("weight-buckets"):
+    if not speedups.on("weight-buckets"):
         return
+    upstream = trainer_cls.broadcast_to_vllm
 
+    @functools.wraps(upstream)
     def broadcast_to_vllm(self):
         args = self.strategy.args
         if self.use_cuda_ipc or getattr(args.vllm, "sync_with_ray", False) or args.ds.tensor_parallel_size > 1:
             return upstream(self)
         return broadcast_to_vllm_in_buckets(self)
 
-    broadcast_to_vllm._ngrpo_cpu = True
-    trainer_cls.broadcast_to_vllm = broadcast_to_vllm
+    touchpoints.patch("openrlhf.trainer.ray.ppo_actor.ActorPPOTrainer.broadcast_to_vllm", broadcast_to_vllm,
+                      owner=trainer_cls)
 
 
 def _patch_distributed_util(distributed_util) -> None:
-    distributed_util.stateless_init_process_group = stateless_init_gloo_group
+    from openrlhf_patch import touchpoints
+
+    touchpoints.patch("openrlhf.utils.distributed_util.stateless_init_process_group", stateless_init_gloo_group,
+                      owner=distributed_util)
 
 
 def _patch_ppo_actor(ppo_actor) -> None:
-    ppo_actor.stateless_init_process_group = stateless_init_gloo_group  # imported by name there
+    from openrlhf_patch import touchpoints
+
+    touchpoints.patch("openrlhf.trainer.ray.ppo_actor.stateless_init_process_group", stateless_init_gloo_group,
+                      owner=ppo_actor)  # imported by name there
     patch_weight_sync(ppo_actor.ActorPPOTrainer)  # a plain class: reaches PolicyModelActor by reference
 
 
 def _patch_replay_buffer(replay_buffer) -> None:
-    buffer_cls = replay_buffer.NaiveReplayBuffer
-    if getattr(buffer_cls.__init__, "_ngrpo_cpu", False):
-        return
-    upstream_init = buffer_cls.__init__
+    from openrlhf_patch import touchpoints
 
+    upstream_init = replay_buffer.NaiveReplayBuffer.__init__
+
+    @functools.wraps(upstream_init)
     def __init__(self, *args, **kwargs):
         # upstream builds torch.device(f"cuda:{current_device()}"): give it an index, then move to CPU.
-        current_device, torch.cuda.current_device = torch.cuda.current_device, lambda: 0
-        try:
+        with touchpoints.patched("torch.cuda.current_device", lambda: 0):
             upstream_init(self, *args, **kwargs)
-        finally:
-            torch.cuda.current_device = current_device
         self.target_device = torch.device("cpu")
 
-    __init__._ngrpo_cpu = True
-    buffer_cls.__init__ = __init__
+    touchpoints.patch("openrlhf.trainer.ppo_utils.replay_buffer.NaiveReplayBuffer.__init__", __init__,
+                      owner=replay_buffer.NaiveReplayBuffer)
 
 
 def _patch_deepspeed_strategy(ds_strategy) -> None:
+    from openrlhf_patch import touchpoints
+
     # DeepSpeed's device mesh is created for "cuda"; on CPU the same mesh lives on "cpu".
-    if getattr(ds_strategy.init_device_mesh, "_ngrpo_cpu", False):
-        return
     upstream_mesh = ds_strategy.init_device_mesh
 
+    @functools.wraps(upstream_mesh)
     def init_device_mesh(device_type, *args, **kwargs):
         return upstream_mesh("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
 
-    init_device_mesh._ngrpo_cpu = True
-    ds_strategy.init_device_mesh = init_device_mesh
+    touchpoints.patch("openrlhf.utils.deepspeed.deepspeed.init_device_mesh", init_device_mesh, owner=ds_strategy)
 
 
 # module -> its CPU patch, applied when (if ever) the process imports it (openrlhf_patch/on_import.py)
@@ -414,9 +420,6 @@ def patch_vllm_engine_args() -> None:
 def _patch_vllm(vllm) -> None:
     # vLLM's top-level names are lazy: reading vllm.AsyncEngineArgs imports vLLM's engine
     # arguments and config (~0.6 s), which only a process that builds an engine needs.
-    if getattr(vllm.__dict__.get("AsyncEngineArgs"), "_ngrpo_cpu", False):
-        return
-
     def AsyncEngineArgs(*args, **kwargs):
         from vllm.engine.arg_utils import AsyncEngineArgs as upstream
 
@@ -448,7 +451,6 @@ def _patch_vllm(vllm) -> None:
 
     from openrlhf_patch import touchpoints
 
-    AsyncEngineArgs._ngrpo_cpu = True
     touchpoints.patch("vllm.AsyncEngineArgs", AsyncEngineArgs, owner=vllm)
 
 
@@ -459,9 +461,10 @@ def apply_cpu_patches() -> None:
     # torch read TORCHDYNAMO_DISABLE when this process imported it, which in the driver (it checks
     # the command line first) was before the default above was set; the policy runs there on CPU.
     if os.environ.get("TORCHDYNAMO_DISABLE") == "1":
-        import torch._dynamo
+        import torch._dynamo  # noqa: F401 - what the entry resolves
+        from openrlhf_patch import touchpoints
 
-        torch._dynamo.config.disable = True
+        touchpoints.patch("torch._dynamo.config.disable", True)
     patch_torch_cuda()
     patch_openrlhf_for_cpu()
     patch_vllm_engine_args()

@@ -42,7 +42,6 @@ import time
 from typing import Optional
 
 NODE_SETTINGS = ("address", "num_cpus", "num_gpus", "include_dashboard", "_system_config")
-_CONNECT = "connect"  # the function of ray._private.worker that ray.init connects a driver with
 _early = {"node": None}  # this process's one early start, until taken or discarded
 
 
@@ -60,13 +59,11 @@ def _ray_builds_nodes_with(make_builder):
     """Inside, ray.init builds its Node with `make_builder(Ray's own Node class)`."""
     from ray._private import node as ray_node
 
+    from openrlhf_patch import touchpoints
+
     _disarm()  # the node built here is made private by early_ray itself
-    build = ray_node.Node
-    ray_node.Node = make_builder(build)
-    try:
+    with touchpoints.patched("ray._private.node.Node", make_builder(ray_node.Node)):
         yield
-    finally:
-        ray_node.Node = build
 
 
 def _lean_node_class(node_class):
@@ -116,24 +113,25 @@ def stand_in_speaks_ray(version: str) -> bool:
 def _raylet_starts_agent_stand_in():
     """Inside, the raylet Ray starts runs openrlhf_patch/cpu/ray_agent_stand_in.py as its dashboard agent,
     with the agent's own arguments."""
+    import functools
     import os
 
     from ray._private import ray_constants, services
 
+    from openrlhf_patch import touchpoints
+
     start = services.start_ray_process
     stand_in = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_agent_stand_in.py")
 
+    @functools.wraps(start)
     def start_ray_process(command, process_type, *args, **kwargs):
         if process_type == ray_constants.PROCESS_TYPE_RAYLET:
             command = [_with_stand_in(arg, stand_in) if arg.startswith(DASHBOARD_AGENT_FLAG) else arg
                        for arg in command]
         return start(command, process_type, *args, **kwargs)
 
-    services.start_ray_process = start_ray_process
-    try:
+    with touchpoints.patched("ray._private.services.start_ray_process", start_ray_process):
         yield
-    finally:
-        services.start_ray_process = start
 
 
 def _with_stand_in(flag: str, stand_in: str) -> str:
@@ -165,9 +163,8 @@ class EarlyNode:
 
     def _start(self):
         import ray
-        from ray._private import worker
 
-        connect = getattr(worker, _CONNECT, None)
+        from openrlhf_patch import touchpoints
 
         def stop_before_connecting(node, *args, **kwargs):
             self.node = node
@@ -176,10 +173,11 @@ class EarlyNode:
         ray_logger = logging.getLogger("ray")
         level = ray_logger.level
         ray_logger.setLevel(logging.ERROR)  # the launch's own ray.init logs what a user needs
-        setattr(worker, _CONNECT, stop_before_connecting)
         try:
-            # a copy: ray.init writes into _system_config, and take() compares the settings
-            with _ray_builds_nodes_with(_lean_node_class):
+            # a Ray without worker.connect fails here (TouchpointError): take() declines the node
+            with touchpoints.patched("ray._private.worker.connect", stop_before_connecting), \
+                    _ray_builds_nodes_with(_lean_node_class):
+                # a copy: ray.init writes into _system_config, and take() compares the settings
                 ray.init(configure_logging=False, **copy.deepcopy(self.node_kwargs))
         except _NodeStarted:
             pass
@@ -192,10 +190,6 @@ class EarlyNode:
             ray.shutdown()
             self.error = RuntimeError("ray.init connected a driver without ray._private.worker.connect")
         finally:
-            if connect is None:
-                delattr(worker, _CONNECT)
-            else:
-                setattr(worker, _CONNECT, connect)
             ray_logger.setLevel(level)
             self._ready.set()
         self._released.wait()
@@ -252,9 +246,11 @@ class EarlyNode:
         if self.node is not None:
             from ray._private import worker
 
+            from openrlhf_patch import touchpoints
+
             self.node.kill_all_processes(check_alive=False, allow_graceful=True)  # releases the node
-            if worker._global_node is self.node:
-                worker._global_node = None
+            if worker._global_node is self.node:  # state, not a patch: nothing to put back later
+                touchpoints.reset("ray._private.worker._global_node", None)
         release_private_node()  # also when none came up
         self.release()
 
@@ -357,6 +353,8 @@ def _arm_private_node() -> None:
     `discard` runs. Nodes built otherwise (`ray.cluster_utils.Cluster`'s) are Ray's own."""
     from ray._private import node as ray_node
 
+    from openrlhf_patch import touchpoints
+
     if _armed["build"] is not None:
         return
     build = _armed["build"] = ray_node.Node
@@ -368,15 +366,15 @@ def _arm_private_node() -> None:
         _disarm()
         return private(*args, **kwargs)
 
-    ray_node.Node = build_once
+    touchpoints.patch("ray._private.node.Node", build_once)
 
 
 def _disarm() -> None:
     build, _armed["build"] = _armed["build"], None
     if build is not None:
-        from ray._private import node as ray_node
+        from openrlhf_patch import touchpoints
 
-        ray_node.Node = build
+        touchpoints.undo("ray._private.node.Node", site="openrlhf_patch/cpu/early_ray.py:_arm_private_node")
 
 
 def secure_private_node() -> str:

@@ -46,9 +46,6 @@ class PickledOnce:
 def wrap_dispatch_prompts(dispatch):
     """SamplesGenerator._dispatch_prompts_to_vllm, handing out its tokenizer as PickledOnce; it
     reads `self.tokenizer` only to pass it to `generate_responses`."""
-    if getattr(dispatch, "_ngrpo", False):
-        return dispatch
-
     @functools.wraps(dispatch)
     def _dispatch_prompts_to_vllm(self, *args, **kwargs):
         tokenizer = self.tokenizer
@@ -58,5 +55,4 @@ def wrap_dispatch_prompts(dispatch):
         finally:
             self.tokenizer = tokenizer
 
-    _dispatch_prompts_to_vllm._ngrpo = True
     return _dispatch_prompts_to_vllm

@@ -111,15 +111,11 @@ def run_engine_core_in_thread() -> None:
     from vllm.v1.engine import core
     from vllm.v1.engine import utils as engine_utils
 
-    if getattr(engine_utils.get_mp_context, "_ngrpo_thread", False):
-        return
-
     def get_mp_context():
         return _ThreadContext()
 
     from openrlhf_patch import touchpoints
 
-    get_mp_context._ngrpo_thread = True
     touchpoints.patch("vllm.v1.engine.utils.get_mp_context", get_mp_context, owner=engine_utils)
     touchpoints.patch("vllm.v1.engine.core.signal", _SignalModule(), owner=core)
     touchpoints.patch("vllm.v1.engine.core.set_process_title", _leave_the_process_as_is, owner=core)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from openrlhf_patch import touchpoints
 from openrlhf_patch.algorithms import ESTIMATOR_OPTIONS
 from openrlhf_patch.config import PatchConfig
 from openrlhf_patch.cpu import early_ray
@@ -299,14 +300,12 @@ def parse_with_openrlhf(argv: List[str]):
             return is_initialized(*a, **k)
         raise _ParsedOnly()
 
-    openrlhf_config.hierarchize, ray.is_initialized = capture, stop
     try:
-        with _argv(argv), contextlib.redirect_stdout(sys.stderr):
+        with touchpoints.patched("openrlhf.utils.config.hierarchize", capture), \
+                touchpoints.patched("ray.is_initialized", stop), _argv(argv), contextlib.redirect_stdout(sys.stderr):
             runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
     except _ParsedOnly:
         return captured["args"]
-    finally:
-        openrlhf_config.hierarchize, ray.is_initialized = hierarchize, is_initialized
     raise RuntimeError("OpenRLHF's launcher returned without reaching train(); cannot validate the command line")
 
 
@@ -470,9 +469,10 @@ def run_openrlhf(argv: List[str], patch_config: PatchConfig) -> None:
     # The launch log (pipelines/console.py) is the run's record: keep every worker's lines, which
     # Ray would otherwise fold into "[repeated Nx across cluster]" (Ray reads RAY_DEDUP_LOGS once,
     # at import, into this module constant).
-    from ray._private import ray_logging
+    import ray._private.ray_logging  # noqa: F401 - what the entry resolves
 
-    ray_logging.RAY_DEDUP_LOGS = os.environ.get("RAY_DEDUP_LOGS", "0") == "1"
+    touchpoints.patch("ray._private.ray_logging.RAY_DEDUP_LOGS", os.environ.get("RAY_DEDUP_LOGS", "0") == "1",
+                      reinstall=True)
     kwargs = ray_init_kwargs(patch_config, args)
     private_cpu_node = patch_config.device == "cpu" and kwargs.get("address") == "local"
     with cpu_mode.vllm_scratch_dir(kwargs["runtime_env"]["env_vars"]) if private_cpu_node else contextlib.nullcontext():
