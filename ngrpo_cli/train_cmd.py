@@ -267,6 +267,13 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
     long_prompts = long_prompts or ("drop" if preset in ("paper", "paper-cpu") else "refuse")
     layout = training.Layout.for_device(device, nodes=nodes, gpus_per_node=gpus_per_node, vllm_engines=vllm_engines,
                                         vllm_tensor_parallel=vllm_tp, colocate=colocate)
+    if recipe.graded_negatives and not recipe.judge_url and layout.nodes > 1:
+        # the judge ngrpo serves listens on this node's loopback only (nothing beyond this machine
+        # reaches it), and the trainer that calls it may run on another node
+        raise click.UsageError(f"--algo sgpo on {layout.nodes} nodes: the judge ngrpo serves itself listens on this "
+                               "node's 127.0.0.1, which the other nodes cannot reach. Serve the judge where every "
+                               "node reaches it (e.g. `vllm serve MODEL --host 0.0.0.0` on a node of the cluster) "
+                               "and pass --judge-url with --judge-model")
     reward_file = str(Path(reward_file).resolve()) if reward_file else training.DEFAULT_REWARD_FILE
     # what a resume rebuilds the command line from (pipelines/launch/resume.py), with the recipe and layout
     launch = {"save_steps": save_steps or (10 if device == "cpu" else 20),

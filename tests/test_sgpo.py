@@ -287,6 +287,23 @@ def test_a_run_without_solutions_is_refused_before_anything_starts(tmp_path, tin
     assert not (tmp_path / "run").exists()
 
 
+def test_a_multi_node_run_is_refused_a_judge_on_this_nodes_loopback(tmp_path, tiny_model_dir):
+    """The judge ngrpo serves listens on 127.0.0.1 only: on several nodes the trainer may not reach
+    it, so the run is refused before anything starts (a --judge-url the user serves is fine)."""
+    from click.testing import CliRunner
+
+    from ngrpo_cli.main import cli
+
+    data, _ = _all_wrong_inputs(tmp_path)
+    base = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--device", "cuda", "--algo", "sgpo",
+            "--nodes", "2", "--gpus-per-node", "1", "--preset", "cpu-tiny", "--eval-every", "0", "--dry-run"]
+    refused = CliRunner().invoke(cli, base + ["--judge-model", str(tiny_model_dir)])
+    assert refused.exit_code == 2 and "--algo sgpo on 2 nodes: the judge ngrpo serves itself listens on this " \
+        "node's 127.0.0.1" in refused.output, refused.output
+    served = CliRunner().invoke(cli, base + ["--judge-model", "j", "--judge-url", "http://judge.cluster:8000/v1"])
+    assert served.exit_code == 0 and "OpenRLHF's parser accepted the command line" in served.output, served.output
+
+
 # ------------------------------------------------------------------ a real run
 
 

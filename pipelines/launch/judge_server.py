@@ -6,6 +6,8 @@ it), in a process group of its own, its output in RUN_DIR/logs/judge-N.log. The 
 its /v1/models to answer (or for it to die, with the end of its log as the error) and hands the
 URL to the workers; the server is stopped when the launch ends, however it ends. A resume starts a
 new one. On a GPU node it takes JUDGE_GPU_SHARE of the GPU's memory beside the run's own engines.
+A run on several nodes is refused it before anything starts (ngrpo train): the trainer that
+calls the judge may sit on a node that cannot reach this one's loopback.
 """
 import contextlib
 import dataclasses
