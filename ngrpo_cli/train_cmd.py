@@ -495,6 +495,7 @@ def _write_sgpo_references(problems, run_path: Path, recipe) -> None:
     abstention = recipe.uncertain_reward is not None
     judge.write_references(str(run_path / judge.REFERENCES_FILE),
                            ((build_prompt(p["problem"], abstention), p["problem"], p["solution"]) for p in problems))
+    (run_path / judge.PROMPT_COPY).write_text(judge.load_prompt(recipe.judge_prompt), encoding="utf-8")
 
 
 def _say_finished(run_path: Path, manifest: dict) -> None:
@@ -610,7 +611,7 @@ def _resume(run_dir, max_steps, verbose, trust_remote_code=False, stall_timeout=
             patch_config = resume.rebuild_patch_config(run_path, manifest, trust_remote_code)
             done = rundir.checkpoint_step(run_path)
         except (resume.ResumeRefused, rundir.RunDirError, click.UsageError, JudgeError) as err:
-            # JudgeError: an SGPO run's --judge-prompt file, read again, is gone or unreadable
+            # JudgeError: the run's copy of its SGPO judge prompt is unreadable or lost a placeholder
             raise click.ClickException(f"cannot resume {run_path}: {getattr(err, 'message', err)}")
         if manifest.get("max_steps") is not None and done >= manifest["max_steps"]:
             raise click.ClickException(f"{run_path} already has {done} steps (--max-steps {manifest['max_steps']}): "

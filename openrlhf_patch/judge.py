@@ -41,6 +41,8 @@ _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 # {"prompt", "problem", "solution"} a line, written next to RUN_DIR/data/train.jsonl at launch. The
 # label stays the bare answer, so the math-verify reward is untouched.
 REFERENCES_FILE = os.path.join("data", "sgpo_references.jsonl")
+# the judge prompt as the run started with it: a resume reads this copy, not the user's file again
+PROMPT_COPY = os.path.join("data", "sgpo_judge_prompt.txt")
 
 
 def write_references(path: str, rows) -> None:

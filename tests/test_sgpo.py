@@ -263,6 +263,31 @@ def test_the_sgpo_recipe_needs_its_judge():
     assert off.sgpo == {}
 
 
+def test_a_resume_reads_the_runs_copy_of_the_judge_prompt_not_the_users_file(tmp_path):
+    """The prompt the run started with is kept in RUN_DIR/data; a resume uses that copy even when
+    the user's --judge-prompt file changed or is gone, and is refused when the copy is missing."""
+    import dataclasses
+
+    from ngrpo_cli.train_cmd import _write_sgpo_references
+    from pipelines.launch import resume
+    from pipelines.launch.recipes import build_recipe
+
+    users = tmp_path / "prompt.txt"
+    users.write_text("Problem: {problem}\nSteps:\n{steps}\nFirst wrong step?")
+    recipe = build_recipe("sgpo", "cpu-tiny", {"judge_url": "http://127.0.0.1:9/v1", "judge_model": "m",
+                                               "judge_prompt": str(users)})
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    manifest = {"recipe": dataclasses.asdict(recipe), "device": "cpu"}
+    with pytest.raises(resume.ResumeRefused, match=r"copy of its judge prompt \(data/sgpo_judge_prompt.txt\) is missing"):
+        resume.rebuild_patch_config(run, manifest, False)
+    _write_sgpo_references([{"problem": "p", "solution": "s"}], run, recipe)
+    assert (run / judge.PROMPT_COPY).read_text() == users.read_text()
+    started_with = users.read_text()
+    users.unlink()
+    assert resume.rebuild_patch_config(run, manifest, False).sgpo["prompt"] == started_with
+
+
 def test_math_solutions_are_kept_through_prepare_data(tmp_path):
     from pipelines.datasets.data import load_problems, normalise_row
 

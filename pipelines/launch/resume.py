@@ -203,6 +203,13 @@ def rebuild_patch_config(run_dir: Path, manifest: dict, trust_remote_code: bool)
     from pipelines.launch import training
 
     recipe = recorded_recipe(manifest)
+    if recipe.graded_negatives:  # SGPO: the judge prompt the run started with, from the run's own copy
+        from openrlhf_patch import judge
+
+        copy = Path(run_dir) / judge.PROMPT_COPY
+        if not copy.is_file():
+            raise ResumeRefused(f"the run's copy of its judge prompt ({judge.PROMPT_COPY}) is missing")
+        recipe = dataclasses.replace(recipe, judge_prompt=str(copy))
     reward_file = reward_file_for_resume(run_dir, manifest) or training.DEFAULT_REWARD_FILE
     device = manifest.get("device")
     if device not in ("cpu", "cuda"):
