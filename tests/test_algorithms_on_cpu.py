@@ -27,19 +27,20 @@ from openrlhf_patch.reference import policy_loss, reference_group_advantages
 
 EPS = 1e-6
 
-# docs/ALGORITHM.md §2 table: G = 8, binary rewards, k correct -> (GRPO A+, GRPO A-, NGRPO A+, NGRPO A-);
-# None where the group has no response of that kind.
-TABLE = {
-    0: (None, 0.0, None, -0.3333),
-    1: (2.4749, -0.3536, 1.7638, -0.5040),
-    2: (1.6202, -0.5401, 1.3333, -0.6667),
-    3: (1.2076, -0.7246, 1.0541, -0.8433),
-    4: (0.9354, -0.9354, 0.8433, -1.0541),
-    5: (0.7246, -1.2076, 0.6667, -1.3333),
-    6: (0.5401, -1.6202, 0.5040, -1.7638),
-    7: (0.3536, -2.4749, 0.3333, -2.6667),
-    8: (0.0, None, 0.0, None),
-}
+
+
+def _doc_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "docs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"docs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# docs/ALGORITHM.md §2 table, as docs/advantage_table.py (standalone, numpy only) quotes the reference
+# specification: G = 8, binary rewards, k correct -> (GRPO A+, GRPO A-, NGRPO A+, NGRPO A-); None
+# where the group has no response of that kind.
+TABLE = _doc_script("advantage_table").SPEC_TABLE
 
 
 def _binary_group(k: int, g: int = 8) -> torch.Tensor:

@@ -67,6 +67,30 @@ def _samples(bench, per_question):
             for q, outcomes in per_question.items() for i, c in enumerate(outcomes)]
 
 
+def _jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _study_base(study: Path) -> None:
+    """STUDY/eval/base: the base model's samples on benchmark b (q1 never, q2 sometimes, q3 always)."""
+    (study / "eval" / "base").mkdir(parents=True)
+    _jsonl(study / "eval" / "base" / "samples.jsonl", _samples("b", {"q1": [0, 0], "q2": [1, 0], "q3": [1, 1]}))
+
+
+def _study_run(run: Path, manifest: dict, generated: tuple, model: dict, tokens: bool = False) -> None:
+    """A finished run of 2 steps: MANIFEST, metrics with GENERATED samples at each step, the
+    groups of _records, and its eval samples (MODEL: per question, its outcomes)."""
+    from pipelines.launch import rundir
+
+    (run / "eval").mkdir(parents=True)
+    rundir.write_manifest(run, manifest)
+    _jsonl(run / "metrics.jsonl", ({"step": s, "ngrpo/accuracy": 0.25 * s, "ngrpo/generated_samples": float(x),
+                                    **({"ngrpo/generated_tokens": 10.0 * x} if tokens else {})}
+                                   for s, x in zip((1, 2), generated)))
+    _jsonl(run / "groups.jsonl", _records())
+    _jsonl(run / "eval" / "samples.jsonl", _samples("b", model))
+
+
 def test_accuracy_by_the_base_models_solve_rate():
     base = _samples("b", {"q1": [0, 0], "q2": [1, 0], "q3": [1, 1], "q4": [0, 0]})
     model = _samples("b", {"q1": [1, 0, 0, 0], "q2": [1, 1, 0, 0], "q3": [1, 1, 1, 0], "q4": [0, 0, 0, 0],
@@ -84,23 +108,13 @@ def test_accuracy_by_the_base_models_solve_rate():
 
 def test_report_states_the_budget_and_draws_by_generated_samples(tmp_path):
     """`ngrpo report` on two runs of one study: budget, by-samples figure, transitions, difficulty."""
-    from pipelines.launch import rundir
     from pipelines.studies.report import build_report
 
     study = tmp_path / "study"
-    base = _samples("b", {"q1": [0, 0], "q2": [1, 0], "q3": [1, 1]})
-    (study / "eval" / "base").mkdir(parents=True)
-    (study / "eval" / "base" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    _study_base(study)
     for name, algo, samples in (("ngrpo-s0", "ngrpo", (24, 48)), ("grpo-s0", "grpo", (16, 32))):
-        run = study / "runs" / name
-        (run / "eval").mkdir(parents=True)
-        rundir.write_manifest(run, {"algo": algo, "status": "finished", "max_samples": 40})
-        (run / "metrics.jsonl").write_text("".join(json.dumps(
-            {"step": s, "ngrpo/accuracy": 0.25 * s, "ngrpo/generated_samples": float(x),
-             "ngrpo/generated_tokens": 10.0 * x}) + "\n" for s, x in zip((1, 2), samples)))
-        (run / "groups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()))
-        model = _samples("b", {"q1": [1, 0], "q2": [1, 1], "q3": [1, 1]})
-        (run / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in model))
+        _study_run(study / "runs" / name, {"algo": algo, "status": "finished", "max_samples": 40}, samples,
+                   {"q1": [1, 0], "q2": [1, 1], "q3": [1, 1]}, tokens=True)
     data = build_report([study / "runs" / "ngrpo-s0", study / "runs" / "grpo-s0"], tmp_path / "out")
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| ngrpo: ngrpo-s0 | 40 generated responses | 48 | 480 |" in text
@@ -120,27 +134,18 @@ def test_report_states_the_budget_and_draws_by_generated_samples(tmp_path):
 
 
 def test_study_md_has_the_budget_the_prompt_tables_and_the_by_samples_figure(tmp_path):
-    from pipelines.launch import rundir
     from pipelines.studies.study_report import write_report
 
     study = tmp_path / "study"
-    base = _samples("b", {"q1": [0, 0], "q2": [1, 0], "q3": [1, 1]})
-    (study / "eval" / "base").mkdir(parents=True)
-    (study / "eval" / "base" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    _study_base(study)
     (study / "eval" / "base" / "summary.json").write_text(json.dumps({"benchmarks": {"b": {"avg@2": 0.5}}}))
     runs = {}
     for name, algo, seed, samples in (("ngrpo-s0", "ngrpo", 0, (24, 48)), ("ngrpo-s1", "ngrpo", 1, (16, 40)),
                                       ("grpo-s0", "grpo", 0, (16, 32))):
         run = study / "runs" / name
-        (run / "eval").mkdir(parents=True)
-        rundir.write_manifest(run, {"algo": algo, "status": "finished", "global_step": 2})
-        (run / "metrics.jsonl").write_text("".join(json.dumps(
-            {"step": s, "ngrpo/accuracy": 0.25 * s, "ngrpo/generated_samples": float(x)}) + "\n"
-            for s, x in zip((1, 2), samples)))
-        (run / "groups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()))
+        _study_run(run, {"algo": algo, "status": "finished", "global_step": 2}, samples,
+                   {"q1": [1, seed], "q2": [1, 1], "q3": [1, 0]})
         (run / "eval" / "summary.json").write_text(json.dumps({"benchmarks": {"b": {"avg@2": 0.5 + seed / 10}}}))
-        (run / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _samples(
-            "b", {"q1": [1, seed], "q2": [1, 1], "q3": [1, 0]})))
         runs[name] = {"algo": algo, "seed": seed, "status": "finished", "wall_time_s": 1.0}
     state = {"plan": {"algos": ["ngrpo", "grpo"], "seeds": [0, 1], "model": "m", "data": "d", "max_steps": None,
                       "budget": ["samples", 40], "preset": "cpu-tiny", "benchmarks": ["b"], "eval": {"n": 2}},
