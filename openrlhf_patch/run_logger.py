@@ -40,12 +40,7 @@ def _append_jsonl(run_dir, name, step, metrics) -> None:
 def make_run_logger_class(upstream_cls):
     """OpenRLHF's TensorboardLogger, also writing RUN_DIR/metrics.jsonl and a progress line. The
     trainer hands its W&B logger (--wandb) the same step metrics, ngrpo's diagnostics included."""
-    if getattr(upstream_cls, "_ngrpo", False):
-        return upstream_cls
-
     class RunLogger(upstream_cls):
-        _ngrpo = True
-
         def __init__(self, args):
             super().__init__(args)
             self.run_dir = active().run_dir
