@@ -259,21 +259,14 @@ def _preflight(model, algo, data_path, run_dir, config_path, preset, device, max
         eval_problems = _validation_problems(eval_data, data_dir) if eval_every else None
     except (RecipeError, ModelError, DataError) as err:
         raise click.UsageError(str(err))
-    if recipe.graded_negatives:
-        _check_sgpo(recipe, problems, data_path)
     if len(problems) < recipe.prompts_per_step:
         raise click.UsageError(f"{data_path}: {len(problems)} problems, fewer than one step's "
                                f"{recipe.prompts_per_step} prompts (--prompts-per-step)")
     long_prompts = long_prompts or ("drop" if preset in ("paper", "paper-cpu") else "refuse")
     layout = training.Layout.for_device(device, nodes=nodes, gpus_per_node=gpus_per_node, vllm_engines=vllm_engines,
                                         vllm_tensor_parallel=vllm_tp, colocate=colocate)
-    if recipe.graded_negatives and not recipe.judge_url and layout.nodes > 1:
-        # the judge ngrpo serves listens on this node's loopback only (nothing beyond this machine
-        # reaches it), and the trainer that calls it may run on another node
-        raise click.UsageError(f"--algo sgpo on {layout.nodes} nodes: the judge ngrpo serves itself listens on this "
-                               "node's 127.0.0.1, which the other nodes cannot reach. Serve the judge where every "
-                               "node reaches it (e.g. `vllm serve MODEL --host 0.0.0.0` on a node of the cluster) "
-                               "and pass --judge-url with --judge-model")
+    if recipe.graded_negatives:
+        _check_sgpo(recipe, problems, data_path, layout.nodes)
     reward_file = str(Path(reward_file).resolve()) if reward_file else training.DEFAULT_REWARD_FILE
     # what a resume rebuilds the command line from (pipelines/launch/resume.py), with the recipe and layout
     launch = {"save_steps": save_steps or (10 if device == "cpu" else 20),
@@ -455,9 +448,18 @@ def _write_prompts(problems, path: Path, recipe) -> None:
     training.write_training_file(problems, path, abstention=recipe.uncertain_reward is not None)
 
 
-def _check_sgpo(recipe, problems, data_path) -> None:
-    """SGPO's judge needs a reference solution for every training problem and a readable prompt."""
+def _check_sgpo(recipe, problems, data_path, nodes: int = 1) -> None:
+    """SGPO's judge needs a reference solution for every training problem and a readable prompt,
+    and, on several nodes, an address every node reaches."""
     from openrlhf_patch import judge
+
+    if not recipe.judge_url and nodes > 1:
+        # the judge ngrpo serves listens on this node's loopback only (nothing beyond this machine
+        # reaches it), and the trainer that calls it may run on another node
+        raise click.UsageError(f"--algo sgpo on {nodes} nodes: the judge ngrpo serves itself listens on this "
+                               "node's 127.0.0.1, which the other nodes cannot reach. Serve the judge where every "
+                               "node reaches it (e.g. `vllm serve MODEL --host 0.0.0.0` on a node of the cluster) "
+                               "and pass --judge-url with --judge-model")
 
     if not recipe.judge_model:
         raise click.UsageError("--algo sgpo needs its step judge: give --judge-model (a model folder, built-in name or "

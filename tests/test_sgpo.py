@@ -389,12 +389,16 @@ def test_a_cpu_run_grades_all_wrong_groups_through_the_judge(tmp_path, tiny_mode
     assert steps[0]["ngrpo/judge_calls"] >= 1 and steps[0]["rollout/reward_mean"] > 0.5
     refs = [json.loads(line) for line in (run / "data" / "sgpo_references.jsonl").read_text().splitlines()]
     assert len(refs) == 16 and refs[0]["solution"].startswith("so it is")
-    # a resume reads the judge prompt again: gone, it is refused in one line before anything starts
-    prompt.unlink()
+    # a resume reads the run's copy of the judge prompt, not the user's file: the copy gone, it is
+    # refused in one line before anything starts
+    from openrlhf_patch import judge
+
+    assert (run / judge.PROMPT_COPY).read_text() == prompt.read_text()
+    (run / judge.PROMPT_COPY).unlink()
     again = ngrpo("train", "--resume", run, "--max-steps", "3")
     assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-2000:]
-    assert again.stderr.strip().splitlines()[-1].startswith(f"Error: cannot resume {run}: "), again.stderr[-2000:]
-    assert str(prompt) in again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (f"Error: cannot resume {run}: the run's copy of its judge "
+                                                     f"prompt ({judge.PROMPT_COPY}) is missing"), again.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ a real (toy) judge
