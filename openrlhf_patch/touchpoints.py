@@ -1012,7 +1012,7 @@ def patched(entry_target, new_value, *, owner=None, site: str = None):
 
 def reset(entry_target, value, *, owner=None, site: str = None) -> None:
     """Set ENTRY_TARGET to VALUE as upstream itself would (a piece of state cleared: Ray's global
-    node after ngrpo killed it), not a patch: nothing is recorded and `undo_all` does not put the
+    node after ngrpo killed it), not a patch: nothing is recorded and `undo_since` does not put the
     old value back. Raises as `patch` does when the entry or the attribute is missing."""
     entry = entry_for(entry_target, site, here=_caller_site())
     parent, name = entry.target.rsplit(".", 1)
@@ -1026,11 +1026,15 @@ def reset(entry_target, value, *, owner=None, site: str = None) -> None:
     setattr(owner, name, value)
 
 
-def undo_all() -> None:
-    """Undo every patch of this process, the last first (tests)."""
+def undo_since(count: int) -> None:
+    """Undo every patch installed after the first COUNT, the last first (a test's own patches). A
+    record whose attribute was already put back (by pytest's monkeypatch, say) is only forgotten."""
     with _lock:
-        for record in reversed(list(_installed)):
-            _undo_record(record)
+        for record in reversed(_installed[count:]):
+            if _current(record.owner, record.name)[0] is record.original:
+                _installed.remove(record)
+            else:
+                _undo_record(record)
 
 
 def installed() -> List[str]:

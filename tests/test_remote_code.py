@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from ngrpo_cli.main import cli
-from openrlhf_patch import remote_code, upstream
+from openrlhf_patch import remote_code, touchpoints, upstream
 from openrlhf_patch.config import PatchConfig
 from pipelines.models import ModelError, check_remote_code, remote_code_problems
 
@@ -237,6 +237,7 @@ def test_the_patch_decides_trust_remote_code_for_openrlhf():
         def remote(self, **kwargs):
             calls.append(kwargs["trust_remote_code"])
 
+    before = len(touchpoints.installed())
     for trust in (False, True):
         # stand-ins for the four OpenRLHF modules, under their names (touchpoints.patch checks the owner)
         utils = _module("openrlhf.utils.utils", AutoTokenizer=Auto, is_vlm_model=None)
@@ -258,9 +259,10 @@ def test_the_patch_decides_trust_remote_code_for_openrlhf():
         assert utils.is_vlm_model._ngrpo_trust is trust
         patches["openrlhf.utils.utils"](utils)  # a second application wraps the upstream name, not itself
         assert utils.AutoTokenizer._ngrpo_upstream is Auto
+    touchpoints.undo_since(before)  # the stand-ins' records, not left for later tests
 
 
-def test_openrlhfs_own_is_vlm_model_no_longer_runs_the_code(custom_model, monkeypatch):
+def test_openrlhfs_own_is_vlm_model_no_longer_runs_the_code(custom_model):
     """The real OpenRLHF function: upstream (trust_remote_code=True) imports the model's file; with
     the patch's decision False it does not."""
     from openrlhf_patch.cpu import cpu_mode
@@ -270,11 +272,13 @@ def test_openrlhfs_own_is_vlm_model_no_longer_runs_the_code(custom_model, monkey
 
     model, marker = custom_model
     upstream_is_vlm = getattr(utils.is_vlm_model, "_ngrpo_upstream", None) or utils.is_vlm_model
-    monkeypatch.setattr(utils, "is_vlm_model", utils.is_vlm_model)
-    monkeypatch.setattr(utils, "AutoTokenizer", utils.AutoTokenizer)
+    before = len(touchpoints.installed())
     remote_code.patches(False)["openrlhf.utils.utils"](utils)
-    assert utils.is_vlm_model(str(model)) is False
-    assert not marker.exists()
+    try:
+        assert utils.is_vlm_model(str(model)) is False
+        assert not marker.exists()
+    finally:
+        touchpoints.undo_since(before)  # the real module as it was, and no record left behind
     if upstream_is_vlm.__module__ == "openrlhf.utils.utils":  # not replaced earlier in this process
         upstream_is_vlm(str(model))
         assert marker.exists()  # what OpenRLHF 0.11.2 does on its own

@@ -441,10 +441,19 @@ def fake(tmp_path, monkeypatch):
                 return "method"
         '''))
     monkeypatch.syspath_prepend(str(tmp_path))
+    # the suite's earlier tests may have left patches of the real stack in this process: only this
+    # test's own are checked (_mine) and undone
+    before = len(touchpoints.installed())
+    _mine.before = before
     yield name
-    touchpoints.undo_all()
+    touchpoints.undo_since(before)
     for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
         del sys.modules[mod]
+
+
+def _mine():
+    """The patches installed since the `fake` fixture started."""
+    return touchpoints.installed()[_mine.before:]
 
 
 def _entry(target, how="wrap", site="tests/test_touchpoints.py:test", sha256=None):
@@ -513,7 +522,7 @@ def test_patch_checks_records_undoes_and_is_idempotent(fake):
     assert touchpoints.patch(entry, wrap(mod.C.method)) is first  # a second install is a no-op
     assert mod.C().method() == "wrapped method"
     assert touchpoints.markers(mod.C.method) == (entry.key,)
-    assert touchpoints.installed() == [f"{entry.target} ({entry.site})"]
+    assert _mine() == [f"{entry.target} ({entry.site})"]
 
     # another layer on the same name carries both markers (functools.wraps copies the first's)
     other = dataclass_replace(entry, site="tests/test_touchpoints.py:other")
@@ -525,12 +534,12 @@ def test_patch_checks_records_undoes_and_is_idempotent(fake):
         touchpoints.undo(entry)
     touchpoints.undo(other)
     touchpoints.undo(entry)
-    assert mod.C.method is original and touchpoints.installed() == []
+    assert mod.C.method is original and _mine() == []
 
     # a constant (no attributes to mark): the record marks it
     constant = _entry(f"{fake}.mod.CONSTANT", how="replace")
     assert touchpoints.patch(constant, 2) == 2 and touchpoints.patch(constant, 2) == 2
-    assert len(touchpoints.installed()) == 1
+    assert len(_mine()) == 1
     touchpoints.undo(constant)
     assert mod.CONSTANT == 1
 
@@ -561,7 +570,7 @@ def test_patch_on_an_instance_and_the_patched_block(fake):
             assert obj.method() == "on the instance"
         assert obj.method() == "on the instance"
     assert "method" not in vars(obj) and obj.method() == "method"
-    assert touchpoints.installed() == []
+    assert _mine() == []
 
 
 def test_patch_keeps_a_lazy_module_attribute_lazy(fake):
@@ -603,7 +612,7 @@ def test_reinstall_puts_a_patch_with_other_parameters_in_place_of_the_first(fake
     touchpoints.patch(entry, make(2))  # the same entry: a no-op
     assert mod.f(0) == "seed 1: f"
     touchpoints.patch(entry, make(2), reinstall=True)
-    assert mod.f(0) == "seed 2: f" and len(touchpoints.installed()) == 1
+    assert mod.f(0) == "seed 2: f" and len(_mine()) == 1
     assert touchpoints.original(entry) is original
     touchpoints.undo(entry)
     assert mod.f is original
