@@ -1,0 +1,1 @@
+from pipelines.reward import reward_func  # noqa: F401  (ngrpo's reward entry)
